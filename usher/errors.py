@@ -1,0 +1,275 @@
+"""The one error hierarchy of usher.
+
+Every error usher raises on purpose is an :class:`UsherError`. Each class has a
+stable ``code`` (what programs branch on and what crosses the wire), a message
+for people, optional ``details`` for programs, and the ``exit_code`` a command
+line tool exits with when the error ends it. Errors from libvirt, SQLAlchemy
+and the network are translated into these at the boundary where they occur.
+
+::
+
+    UsherError (internal, exit 1)
+    ├── InvalidRequest (invalid_request, 2)
+    │   ├── InvalidName (invalid_name)
+    │   └── InvalidOption (invalid_option)
+    ├── NotFound (not_found, 3)
+    │   ├── VmNotFound (vm_not_found)
+    │   ├── HostNotFound (host_not_found)
+    │   ├── TaskNotFound (task_not_found)
+    │   └── UserNotFound (user_not_found)
+    ├── Conflict (conflict, 4)
+    │   ├── InvalidState (invalid_state)
+    │   └── AlreadyExists (already_exists)
+    ├── PermissionDenied (permission_denied, 5)
+    │   ├── AuthenticationFailed (auth_failed)
+    │   └── RateLimited (rate_limited)
+    ├── Unavailable (unavailable, 6)
+    │   ├── NoCapacity (no_capacity)
+    │   ├── HostUnavailable (host_unavailable)
+    │   ├── NotConnected (not_connected)
+    │   └── TimedOut (timeout)
+    ├── HypervisorError (hypervisor, 7)
+    │   ├── DomainNotFound (domain_not_found)
+    │   └── DomainExists (domain_exists)
+    ├── DirectoryError (directory, 8)
+    ├── ProtocolError (protocol, 9)
+    │   ├── FrameTooLarge (frame_too_large)
+    │   ├── BadFrame (bad_frame)
+    │   ├── VersionMismatch (version_mismatch)
+    │   └── ConnectionClosed (connection_closed)
+    └── ConfigError (config, 10)
+        └── SchemaOutdated (schema_outdated)
+
+A code received from a peer that this version does not know is rebuilt as the
+nearest known family (by the ``family`` field sent with it), never as a new
+class made up at run time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+_REGISTRY: dict[str, type[UsherError]] = {}
+
+
+class UsherError(Exception):
+    """Root of every usher error.
+
+    Subclasses set ``code`` (unique, stable, lower_snake) and may set
+    ``exit_code``; subclasses inherit the exit code of their family.
+    """
+
+    code: ClassVar[str] = "internal"
+    exit_code: ClassVar[int] = 1
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: dict[str, Any] = details or {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        code = cls.__dict__.get("code")
+        if code is None:
+            raise TypeError(f"{cls.__name__} must define its own code")
+        if code in _REGISTRY:
+            raise TypeError(f"error code {code!r} is used twice")
+        _REGISTRY[code] = cls
+
+    @property
+    def family(self) -> str:
+        """The code of the top-level family this error belongs to."""
+        for klass in type(self).__mro__:
+            if klass.__bases__ == (UsherError,):
+                return klass.code  # type: ignore[attr-defined]
+        return UsherError.code
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+    def to_wire(self) -> dict[str, Any]:
+        """The error as data: what crosses the wire inside an error reply."""
+        return {
+            "code": self.code,
+            "family": self.family,
+            "message": self.message,
+            "details": self.details,
+        }
+
+    @staticmethod
+    def from_wire(code: str, message: str, family: str | None = None,
+                  details: dict[str, Any] | None = None) -> UsherError:
+        """Rebuild an error received from a peer as a known usher class."""
+        cls = _REGISTRY.get(code) or (_REGISTRY.get(family) if family else None) or UsherError
+        err = cls.__new__(cls)
+        UsherError.__init__(err, message, details=details)
+        return err
+
+
+_REGISTRY[UsherError.code] = UsherError
+
+
+def error_class(code: str) -> type[UsherError] | None:
+    """The class registered for ``code``, or None."""
+    return _REGISTRY.get(code)
+
+
+def all_codes() -> dict[str, type[UsherError]]:
+    """Every registered code and its class (for docs and tests)."""
+    return dict(_REGISTRY)
+
+
+class InvalidRequest(UsherError):
+    """The request is malformed or its arguments are not acceptable."""
+
+    code = "invalid_request"
+    exit_code = 2
+
+
+class InvalidName(InvalidRequest):
+    """A VM, host or user name is not valid here."""
+
+    code = "invalid_name"
+
+
+class InvalidOption(InvalidRequest):
+    """An option's value is out of range or not allowed."""
+
+    code = "invalid_option"
+
+
+class NotFound(UsherError):
+    """The named thing does not exist (or the caller may not see it)."""
+
+    code = "not_found"
+    exit_code = 3
+
+
+class VmNotFound(NotFound):
+    code = "vm_not_found"
+
+
+class HostNotFound(NotFound):
+    code = "host_not_found"
+
+
+class TaskNotFound(NotFound):
+    code = "task_not_found"
+
+
+class UserNotFound(NotFound):
+    code = "user_not_found"
+
+
+class Conflict(UsherError):
+    """The request clashes with the current state."""
+
+    code = "conflict"
+    exit_code = 4
+
+
+class InvalidState(Conflict):
+    """The verb is not valid in the VM's or host's current state."""
+
+    code = "invalid_state"
+
+
+class AlreadyExists(Conflict):
+    code = "already_exists"
+
+
+class PermissionDenied(UsherError):
+    """The caller is not allowed to do this."""
+
+    code = "permission_denied"
+    exit_code = 5
+
+
+class AuthenticationFailed(PermissionDenied):
+    code = "auth_failed"
+
+
+class RateLimited(PermissionDenied):
+    code = "rate_limited"
+
+
+class Unavailable(UsherError):
+    """A needed resource or peer is not available now; retrying later may work."""
+
+    code = "unavailable"
+    exit_code = 6
+
+
+class NoCapacity(Unavailable):
+    """No host can take the VM; details name the resource that is short."""
+
+    code = "no_capacity"
+
+
+class HostUnavailable(Unavailable):
+    code = "host_unavailable"
+
+
+class NotConnected(Unavailable):
+    code = "not_connected"
+
+
+class TimedOut(Unavailable):
+    code = "timeout"
+
+
+class HypervisorError(UsherError):
+    """The hypervisor refused or failed an operation."""
+
+    code = "hypervisor"
+    exit_code = 7
+
+
+class DomainNotFound(HypervisorError):
+    code = "domain_not_found"
+
+
+class DomainExists(HypervisorError):
+    code = "domain_exists"
+
+
+class DirectoryError(UsherError):
+    code = "directory"
+    exit_code = 8
+
+
+class ProtocolError(UsherError):
+    """The peer broke the wire protocol."""
+
+    code = "protocol"
+    exit_code = 9
+
+
+class FrameTooLarge(ProtocolError):
+    code = "frame_too_large"
+
+
+class BadFrame(ProtocolError):
+    code = "bad_frame"
+
+
+class VersionMismatch(ProtocolError):
+    code = "version_mismatch"
+
+
+class ConnectionClosed(ProtocolError):
+    """The connection ended; ``details['by_peer']`` tells who closed it."""
+
+    code = "connection_closed"
+
+
+class ConfigError(UsherError):
+    code = "config"
+    exit_code = 10
+
+
+class SchemaOutdated(ConfigError):
+    code = "schema_outdated"
