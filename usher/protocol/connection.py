@@ -219,8 +219,6 @@ class Connection:
             self._pending.pop(rid, None)
         if reply.error is not None:
             raise error_from_body(reply.error)
-        if reply.result is None:
-            return None
         return frames.decode_as(reply.result, op.result)
 
     # ------------------------------------------------------------- receiving

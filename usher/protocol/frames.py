@@ -89,11 +89,11 @@ class Request(msgspec.Struct, tag="req", tag_field="t"):
     args: msgspec.Raw
 
 
-class Reply(msgspec.Struct, tag="rep", tag_field="t", omit_defaults=True):
+class Reply(msgspec.Struct, tag="rep", tag_field="t"):
     """The answer to the request with the same ``id``: a result or an error."""
 
     id: str
-    result: msgspec.Raw | None = None
+    result: msgspec.Raw = msgspec.Raw(b"\xc0")  # MessagePack nil
     error: ErrorBody | None = None
 
 
@@ -121,7 +121,7 @@ class Bye(msgspec.Struct, tag="bye", tag_field="t"):
 Envelope = Hello | Welcome | Refuse | Request | Reply | Push | Ping | Pong | Bye
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Envelope)  # type: ignore[arg-type]
+_decoder = msgspec.msgpack.Decoder(Envelope)
 
 
 def encode(value: Any) -> bytes:
@@ -148,7 +148,7 @@ def pack(message: Envelope) -> bytes:
 def unpack(body: bytes) -> Envelope:
     """Decode a frame body into an envelope, or raise :class:`BadFrame`."""
     try:
-        return _decoder.decode(body)  # type: ignore[no-any-return]
+        return _decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise BadFrame(f"invalid frame: {exc}") from None
     except (msgspec.DecodeError, RecursionError) as exc:

@@ -1,0 +1,517 @@
+"""The hypervisor driver contract, run against every driver.
+
+Each test gets an open driver on a host of 4 CPUs and 8 GiB that already runs
+one domain usher did not define (FOREIGN). The flavours: the in-memory
+FakeDriver, LibvirtDriver on a private libvirt test-driver host file, and
+LibvirtDriver on a FakeHost (which also rewrites its file after every change).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import libvirtaio
+import pytest
+
+from usher.errors import (
+    ConfigError,
+    DomainExists,
+    DomainNotFound,
+    InvalidRequest,
+    InvalidState,
+    NotConnected,
+    TimedOut,
+)
+from usher.lnm.drivers import DRIVERS, make_driver
+from usher.lnm.drivers.base import (
+    DomainEvent,
+    DomainInfo,
+    DomainSpec,
+    DomainState,
+    HypervisorDriver,
+)
+from usher.lnm.drivers.fake import FakeDriver
+from usher.lnm.drivers.libvirt import LibvirtDriver, lifecycle_event
+from usher.lnm.fakehost import FakeHost
+
+CPUS = 4
+MEMORY_MIB = 8192
+HOSTNAME = "h1.usher.example.org"
+FOREIGN_UUID = "f0000000-0000-4000-8000-000000000001"
+FOREIGN_NAME = "not-usher.example.org"
+MISSING_UUID = "deadbeef-0000-4000-8000-000000000000"
+
+FOREIGN_XML = f"""\
+<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
+  <name>{FOREIGN_NAME}</name>
+  <uuid>{FOREIGN_UUID}</uuid>
+  <memory unit='MiB'>128</memory>
+  <vcpu>2</vcpu>
+  <os><type>hvm</type></os>
+  <test:runstate>1</test:runstate>
+</domain>
+"""
+
+
+def write_host_file(path: Path) -> None:
+    """A test-driver host file running the foreign domain."""
+    path.write_text(
+        "<node>\n"
+        f"<cpu><mhz>2000</mhz><nodes>1</nodes><sockets>1</sockets><cores>{CPUS}</cores>"
+        f"<threads>1</threads><active>{CPUS}</active></cpu>\n"
+        f"<memory>{MEMORY_MIB * 1024}</memory>\n"
+        f"{FOREIGN_XML}</node>\n")
+
+
+def make_fake(tmp_path: Path) -> HypervisorDriver:
+    foreign = DomainInfo(uuid=FOREIGN_UUID, name=FOREIGN_NAME, state=DomainState.RUNNING,
+                         memory_mib=128, vcpus=2, owner=None, task_id=None, mac=None)
+    return FakeDriver(hostname=HOSTNAME, cpus=CPUS, memory_mib=MEMORY_MIB, domains=[foreign])
+
+
+def make_libvirt(tmp_path: Path) -> HypervisorDriver:
+    path = tmp_path / "host.xml"
+    write_host_file(path)
+    return LibvirtDriver(f"test://{path}")
+
+
+def make_libvirt_fakehost(tmp_path: Path) -> HypervisorDriver:
+    path = tmp_path / "fakehost.xml"
+    # An existing file keeps its domains; create() sets the size.
+    write_host_file(path)
+    host = FakeHost.create(path, hostname=HOSTNAME, cpus=CPUS, memory_mib=MEMORY_MIB)
+    return LibvirtDriver(host.uri, fake_host=host)
+
+
+FLAVOURS: dict[str, Callable[[Path], HypervisorDriver]] = {
+    "fake": make_fake,
+    "libvirt-test": make_libvirt,
+    "libvirt-fakehost": make_libvirt_fakehost,
+}
+
+
+@pytest.fixture(params=list(FLAVOURS))
+def flavour(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def driver(flavour: str, tmp_path: Path) -> Iterator[HypervisorDriver]:
+    d = FLAVOURS[flavour](tmp_path)
+    d.open()
+    yield d
+    d.close()
+
+
+def spec(n: int = 1, **changes: Any) -> DomainSpec:
+    fields: dict[str, Any] = dict(
+        uuid=f"00000000-0000-4000-8000-{n:012d}",
+        name=f"vm{n}.alice.seuss.usher.example.org",
+        memory_mib=256, vcpus=1, mac=f"52:54:00:00:00:{n:02x}",
+        owner="alice", task_id=f"task-{n}")
+    fields.update(changes)
+    return DomainSpec(**fields)
+
+
+def running(driver: HypervisorDriver, n: int = 1) -> str:
+    uuid = driver.define(spec(n)).uuid
+    driver.start(uuid)
+    return uuid
+
+
+# -- registry and connection ---------------------------------------------------------
+
+
+def test_registry_names_every_driver() -> None:
+    assert DRIVERS == {"libvirt": LibvirtDriver, "fake": FakeDriver}
+    assert isinstance(make_driver("fake", cpus=2), FakeDriver)
+    with pytest.raises(ConfigError):
+        make_driver("vmware")
+    with pytest.raises(ConfigError):
+        make_driver("fake", colour="blue")
+
+
+def test_open_and_close_are_idempotent(driver: HypervisorDriver) -> None:
+    driver.open()
+    assert driver.host_facts().cpus == CPUS
+    driver.close()
+    driver.close()
+    with pytest.raises(NotConnected):
+        driver.list_domains()
+    driver.open()
+    assert driver.get_domain(FOREIGN_UUID).name == FOREIGN_NAME
+
+
+def test_host_facts_give_the_hosts_size(driver: HypervisorDriver) -> None:
+    facts = driver.host_facts()
+    assert (facts.cpus, facts.memory_mib) == (CPUS, MEMORY_MIB)
+    assert facts.hypervisor
+    assert facts.hostname
+
+
+def test_capabilities(driver: HypervisorDriver) -> None:
+    caps = driver.capabilities
+    assert caps.managed_save and caps.acpi
+    assert not caps.live_migration
+
+
+# -- defining and reading ------------------------------------------------------------
+
+
+def test_define_makes_a_stopped_domain_with_usher_metadata(driver: HypervisorDriver) -> None:
+    s = spec()
+    info = driver.define(s)
+    assert info == DomainInfo(uuid=s.uuid, name=s.name, state=DomainState.STOPPED,
+                              memory_mib=256, vcpus=1, owner="alice", task_id="task-1",
+                              mac=s.mac)
+    assert driver.get_domain(s.uuid) == info
+
+
+def test_define_twice_returns_the_existing_domain(driver: HypervisorDriver) -> None:
+    first = driver.define(spec())
+    driver.start(first.uuid)
+    again = driver.define(spec(memory_mib=1024, owner="mallory"))
+    assert again.memory_mib == 256 and again.owner == "alice"
+    assert again.state is DomainState.RUNNING
+
+
+def test_define_name_clash_with_other_uuid(driver: HypervisorDriver) -> None:
+    driver.define(spec(1))
+    with pytest.raises(DomainExists):
+        driver.define(spec(2, name=spec(1).name))
+    with pytest.raises(DomainExists):
+        driver.define(spec(3, name=FOREIGN_NAME))
+
+
+@pytest.mark.parametrize("bad", [
+    {"uuid": "00000000-0000-4000-8000-00000000000A"},
+    {"uuid": "not-a-uuid"},
+    {"mac": "52-54-00-00-00-01"},
+    {"memory_mib": 0},
+    {"vcpus": 0},
+])
+def test_define_rejects_malformed_specs(driver: HypervisorDriver, bad: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequest):
+        driver.define(spec(**bad))
+
+
+def test_list_domains_includes_foreign_domains(driver: HypervisorDriver) -> None:
+    driver.define(spec(1))
+    running(driver, 2)
+    by_uuid = {d.uuid: d for d in driver.list_domains()}
+    assert set(by_uuid) == {FOREIGN_UUID, spec(1).uuid, spec(2).uuid}
+    foreign = by_uuid[FOREIGN_UUID]
+    assert (foreign.name, foreign.state, foreign.owner, foreign.task_id) == (
+        FOREIGN_NAME, DomainState.RUNNING, None, None)
+    assert (foreign.memory_mib, foreign.vcpus) == (128, 2)
+    assert by_uuid[spec(1).uuid].state is DomainState.STOPPED
+    assert by_uuid[spec(2).uuid].state is DomainState.RUNNING
+    assert by_uuid[spec(2).uuid].owner == "alice"
+
+
+VERBS: dict[str, Callable[[HypervisorDriver, str], object]] = {
+    "get_domain": lambda d, u: d.get_domain(u),
+    "start": lambda d, u: d.start(u),
+    "shutdown": lambda d, u: d.shutdown(u, 1.0),
+    "reboot": lambda d, u: d.reboot(u),
+    "power_off": lambda d, u: d.power_off(u),
+    "pause": lambda d, u: d.pause(u),
+    "resume": lambda d, u: d.resume(u),
+    "hibernate": lambda d, u: d.hibernate(u),
+}
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_unknown_uuid_is_domain_not_found(driver: HypervisorDriver, verb: str) -> None:
+    with pytest.raises(DomainNotFound):
+        VERBS[verb](driver, MISSING_UUID)
+
+
+@pytest.mark.parametrize("verb", ["define", "start", "list_domains", "host_facts"])
+def test_closed_driver_is_not_connected(flavour: str, tmp_path: Path, verb: str) -> None:
+    d = FLAVOURS[flavour](tmp_path)
+    call: dict[str, Callable[[], object]] = {
+        "define": lambda: d.define(spec()),
+        "start": lambda: d.start(FOREIGN_UUID),
+        "list_domains": d.list_domains,
+        "host_facts": d.host_facts,
+    }
+    with pytest.raises(NotConnected):
+        call[verb]()
+
+
+# -- lifecycle -----------------------------------------------------------------------
+
+
+def test_start_boots_and_is_a_no_op_when_running(driver: HypervisorDriver) -> None:
+    uuid = driver.define(spec()).uuid
+    assert driver.start(uuid).state is DomainState.RUNNING
+    assert driver.start(uuid).state is DomainState.RUNNING
+    assert driver.get_domain(uuid).state is DomainState.RUNNING
+
+
+def test_pause_and_resume(driver: HypervisorDriver) -> None:
+    uuid = running(driver)
+    assert driver.pause(uuid).state is DomainState.PAUSED
+    assert driver.pause(uuid).state is DomainState.PAUSED
+    assert driver.resume(uuid).state is DomainState.RUNNING
+    assert driver.resume(uuid).state is DomainState.RUNNING
+
+
+def test_shutdown_stops_and_is_a_no_op_when_stopped(driver: HypervisorDriver) -> None:
+    uuid = running(driver)
+    assert driver.shutdown(uuid, 5.0).state is DomainState.STOPPED
+    assert driver.shutdown(uuid, 5.0).state is DomainState.STOPPED
+    assert driver.start(uuid).state is DomainState.RUNNING
+
+
+def test_power_off_stops_and_is_a_no_op_when_stopped(driver: HypervisorDriver) -> None:
+    uuid = running(driver)
+    driver.pause(uuid)
+    assert driver.power_off(uuid).state is DomainState.STOPPED
+    assert driver.power_off(uuid).state is DomainState.STOPPED
+
+
+def test_reboot_keeps_the_domain_running(driver: HypervisorDriver) -> None:
+    uuid = running(driver)
+    assert driver.reboot(uuid).state is DomainState.RUNNING
+
+
+def test_hibernate_and_restore(driver: HypervisorDriver) -> None:
+    uuid = running(driver)
+    assert driver.hibernate(uuid).state is DomainState.HIBERNATED
+    assert driver.hibernate(uuid).state is DomainState.HIBERNATED
+    assert driver.get_domain(uuid).state is DomainState.HIBERNATED
+    # Not running already: stopping keeps the saved image.
+    assert driver.power_off(uuid).state is DomainState.HIBERNATED
+    assert driver.shutdown(uuid, 1.0).state is DomainState.HIBERNATED
+    assert driver.start(uuid).state is DomainState.RUNNING
+    assert driver.power_off(uuid).state is DomainState.STOPPED
+    assert driver.start(uuid).state is DomainState.RUNNING
+
+
+def test_hibernate_a_paused_domain_restores_it_running(driver: HypervisorDriver) -> None:
+    uuid = running(driver)
+    driver.pause(uuid)
+    assert driver.hibernate(uuid).state is DomainState.HIBERNATED
+    assert driver.start(uuid).state is DomainState.RUNNING
+
+
+@pytest.mark.parametrize(("verb", "prepare", "state"), [
+    ("pause", "stopped", DomainState.STOPPED),
+    ("resume", "stopped", DomainState.STOPPED),
+    ("hibernate", "stopped", DomainState.STOPPED),
+    ("reboot", "stopped", DomainState.STOPPED),
+    ("reboot", "paused", DomainState.PAUSED),
+    ("start", "paused", DomainState.PAUSED),
+    ("shutdown", "paused", DomainState.PAUSED),
+    ("resume", "hibernated", DomainState.HIBERNATED),
+    ("pause", "hibernated", DomainState.HIBERNATED),
+])
+def test_verbs_invalid_in_the_domains_state(driver: HypervisorDriver, verb: str,
+                                            prepare: str, state: DomainState) -> None:
+    uuid = driver.define(spec()).uuid
+    if prepare != "stopped":
+        driver.start(uuid)
+        if prepare == "paused":
+            driver.pause(uuid)
+        else:
+            driver.hibernate(uuid)
+    with pytest.raises(InvalidState) as caught:
+        VERBS[verb](driver, uuid)
+    assert caught.value.details["state"] == state.value
+    assert state.value in str(caught.value)
+    assert driver.get_domain(uuid).state is state
+
+
+def test_undefine_removes_the_domain_in_any_state(driver: HypervisorDriver) -> None:
+    stopped = driver.define(spec(1)).uuid
+    run = running(driver, 2)
+    paused = running(driver, 3)
+    driver.pause(paused)
+    hibernated = running(driver, 4)
+    driver.hibernate(hibernated)
+    for uuid in (stopped, run, paused, hibernated):
+        driver.undefine(uuid)
+        with pytest.raises(DomainNotFound):
+            driver.get_domain(uuid)
+    assert [d.uuid for d in driver.list_domains()] == [FOREIGN_UUID]
+    # The name is free again, and the new domain starts fresh (no saved image).
+    assert driver.define(spec(4)).state is DomainState.STOPPED
+
+
+def test_undefine_of_a_missing_domain_succeeds(driver: HypervisorDriver) -> None:
+    driver.undefine(MISSING_UUID)
+    uuid = driver.define(spec()).uuid
+    driver.undefine(uuid)
+    driver.undefine(uuid)
+
+
+def test_fake_guest_ignoring_acpi_times_out() -> None:
+    # Only the fake can model a guest that ignores ACPI (the test driver's
+    # guests always obey), so this case is the fake's own.
+    d = FakeDriver()
+    d.open()
+    uuid = running(d)
+    d.ignore_acpi(uuid)
+    with pytest.raises(TimedOut):
+        d.shutdown(uuid, 0.1)
+    assert d.get_domain(uuid).state is DomainState.RUNNING
+    assert d.power_off(uuid).state is DomainState.STOPPED
+
+
+# -- events --------------------------------------------------------------------------
+
+
+def use_libvirt_event_loop() -> None:
+    """Register libvirt's asyncio event loop once per process, on this loop.
+
+    libvirt accepts one event loop implementation per process, for good; the
+    event tests therefore share the session's loop.
+    """
+    loop = asyncio.get_running_loop()
+    impl = libvirtaio.getCurrentImpl()
+    if impl is None:
+        libvirtaio.virEventRegisterAsyncIOImpl(loop)
+    elif impl.loop is not loop:
+        pytest.skip("libvirt's event loop is bound to another asyncio loop in this process")
+
+
+class EventLog:
+    """An event callback that records events and lets a test await them.
+
+    Both drivers call it on the loop's thread here (the fake synchronously,
+    libvirt from its event loop), so no lock is needed.
+    """
+
+    def __init__(self, fail: bool = False) -> None:
+        self.events: list[DomainEvent] = []
+        self._fail = fail
+        self._arrived = asyncio.Event()
+
+    def __call__(self, event: DomainEvent) -> None:
+        self.events.append(event)
+        self._arrived.set()
+        if self._fail:
+            raise RuntimeError("callback bug")
+
+    async def wait_for(self, count: int, timeout_s: float = 2.0) -> list[DomainEvent]:
+        """The events so far, once there are ``count`` (or the time is up)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while len(self.events) < count:
+                    self._arrived.clear()
+                    await self._arrived.wait()
+        except TimeoutError:
+            pass
+        return self.events
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_lifecycle_events_are_delivered(driver: HypervisorDriver) -> None:
+    use_libvirt_event_loop()
+    log = EventLog()
+    driver.set_event_callback(log)
+    uuid = driver.define(spec()).uuid
+    driver.start(uuid)
+    driver.pause(uuid)
+    driver.resume(uuid)
+    driver.reboot(uuid)      # no event: the domain never leaves RUNNING
+    driver.power_off(uuid)
+    events = await log.wait_for(5)
+    assert [(e.uuid, e.state, e.reason) for e in events] == [
+        (uuid, DomainState.STOPPED, "defined/added"),
+        (uuid, DomainState.RUNNING, "started/booted"),
+        (uuid, DomainState.PAUSED, "suspended/paused"),
+        (uuid, DomainState.RUNNING, "resumed/unpaused"),
+        (uuid, DomainState.STOPPED, "stopped/destroyed"),
+    ]
+    assert {e.name for e in events} == {spec().name}
+
+    log = EventLog()
+    driver.set_event_callback(log)
+    driver.start(uuid)
+    driver.hibernate(uuid)
+    driver.start(uuid)
+    driver.shutdown(uuid, 5.0)
+    driver.start(uuid)
+    driver.undefine(uuid)
+    events = await log.wait_for(7)
+    # The test driver reports a restore as "started/booted", QEMU and the fake
+    # as "started/restored": compare the event, not its detail, there.
+    assert [(e.state, e.reason.split("/")[0]) for e in events] == [
+        (DomainState.RUNNING, "started"),
+        (DomainState.HIBERNATED, "stopped"),
+        (DomainState.RUNNING, "started"),
+        (DomainState.STOPPED, "stopped"),
+        (DomainState.RUNNING, "started"),
+        (DomainState.STOPPED, "stopped"),
+        (DomainState.STOPPED, "undefined"),
+    ]
+    assert [e.reason for e in events if e.state is not DomainState.RUNNING] == [
+        "stopped/saved", "stopped/shutdown", "stopped/destroyed", "undefined/removed"]
+
+    driver.set_event_callback(None)
+    driver.define(spec(2))
+    await asyncio.sleep(0.05)   # time for a stray event to arrive
+    assert len(log.events) == 7
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_failing_event_callback_does_not_break_the_driver(
+        driver: HypervisorDriver) -> None:
+    use_libvirt_event_loop()
+    log = EventLog(fail=True)
+    driver.set_event_callback(log)
+    uuid = running(driver)
+    assert len(await log.wait_for(2)) == 2
+    assert driver.get_domain(uuid).state is DomainState.RUNNING
+    driver.set_event_callback(None)
+
+
+@pytest.mark.parametrize(("event", "detail", "state", "reason"), [
+    (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED,
+     DomainState.CRASHED, "stopped/crashed"),
+    (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED,
+     DomainState.HIBERNATED, "stopped/saved"),
+    (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_RESTORED,
+     DomainState.RUNNING, "started/restored"),
+    (libvirt.VIR_DOMAIN_EVENT_DEFINED, libvirt.VIR_DOMAIN_EVENT_DEFINED_UPDATED,
+     DomainState.UNKNOWN, "defined/updated"),
+    (libvirt.VIR_DOMAIN_EVENT_SHUTDOWN, libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_GUEST,
+     DomainState.SHUTTING_DOWN, "shutdown/guest"),
+    (libvirt.VIR_DOMAIN_EVENT_CRASHED, libvirt.VIR_DOMAIN_EVENT_CRASHED_PANICKED,
+     DomainState.CRASHED, "crashed/panicked"),
+    (99, 7, DomainState.UNKNOWN, "event/7"),
+])
+def test_libvirt_events_map_to_usher_states(event: int, detail: int, state: DomainState,
+                                            reason: str) -> None:
+    # Events the test driver cannot produce (crashes, guest shutdowns), mapped directly.
+    assert lifecycle_event("u", "n", event, detail) == DomainEvent("u", "n", state, reason)
+
+
+def test_libvirt_driver_rejects_unknown_uris_and_mismatched_fake_hosts(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        LibvirtDriver("vbox:///session")
+    host = FakeHost.create(tmp_path / "h.xml", hostname="h", cpus=1, memory_mib=1024)
+    with pytest.raises(ConfigError):
+        LibvirtDriver("test:///default", fake_host=host)
+    assert LibvirtDriver("vbox:///session", domain_type="kvm").domain_type == "kvm"
+
+
+def test_libvirt_errors_are_translated_quietly(tmp_path: Path,
+                                               capfd: pytest.CaptureFixture[str]) -> None:
+    d = make_libvirt(tmp_path)
+    d.open()
+    try:
+        with pytest.raises(DomainNotFound) as caught:
+            d.get_domain(MISSING_UUID)
+        assert caught.value.details["libvirt_code"] == libvirt.VIR_ERR_NO_DOMAIN
+        assert MISSING_UUID in str(caught.value)
+    finally:
+        d.close()
+    assert "libvirt" not in capfd.readouterr().err

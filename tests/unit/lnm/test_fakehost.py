@@ -1,0 +1,174 @@
+"""Fake hosts: their size, and domains that outlive the driver that ran them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from usher.errors import ConfigError
+from usher.lnm.domxml import build_domain_xml
+from usher.lnm.drivers.base import DomainSpec, DomainState
+from usher.lnm.drivers.libvirt import LibvirtDriver
+from usher.lnm.fakehost import FakeHost
+
+
+def spec(n: int, owner: str = "alice") -> DomainSpec:
+    return DomainSpec(uuid=f"00000000-0000-4000-8000-{n:012d}",
+                      name=f"vm{n}.{owner}.usher.example.org", memory_mib=128 * n, vcpus=n,
+                      mac=f"52:54:00:00:01:{n:02x}", owner=owner, task_id=f"task-{n}")
+
+
+def open_driver(path: Path, *, cpus: int = 16, memory_mib: int = 65536) -> LibvirtDriver:
+    host = FakeHost.create(path, hostname="h7.usher.example.org", cpus=cpus,
+                           memory_mib=memory_mib)
+    driver = LibvirtDriver(host.uri, fake_host=host)
+    driver.open()
+    return driver
+
+
+def test_new_fake_host_has_its_size_and_no_domains(tmp_path: Path) -> None:
+    host = FakeHost.create(tmp_path / "h.xml", hostname="h7.usher.example.org", cpus=48,
+                           memory_mib=196608)
+    assert host.uri == f"test://{tmp_path / 'h.xml'}"
+    driver = LibvirtDriver(host.uri, fake_host=host)
+    driver.open()
+    try:
+        facts = driver.host_facts()
+        assert (facts.hostname, facts.cpus, facts.memory_mib) == (
+            "h7.usher.example.org", 48, 196608)
+        assert facts.hypervisor == host.uri
+        assert driver.list_domains() == []
+    finally:
+        driver.close()
+
+
+def test_relative_paths_become_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    host = FakeHost.create(Path("rel.xml"), hostname="h", cpus=1, memory_mib=512)
+    assert host.uri == f"test://{tmp_path}/rel.xml"
+
+
+def test_domains_and_their_states_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "h.xml"
+    driver = open_driver(path)
+    for n in (1, 2, 3):
+        driver.define(spec(n, owner=f"user{n}"))
+        driver.start(spec(n).uuid)
+    driver.pause(spec(2).uuid)
+    driver.hibernate(spec(3).uuid)
+    driver.define(spec(4))
+    driver.define(spec(5))
+    driver.undefine(spec(5).uuid)
+    before = {d.uuid: d for d in driver.list_domains()}
+    driver.close()          # the node manager dies; the "host" keeps running
+
+    again = open_driver(path)
+    try:
+        after = {d.uuid: d for d in again.list_domains()}
+        assert after == before
+        assert {u: d.state for u, d in after.items()} == {
+            spec(1).uuid: DomainState.RUNNING,
+            spec(2).uuid: DomainState.PAUSED,
+            spec(3).uuid: DomainState.HIBERNATED,
+            spec(4).uuid: DomainState.STOPPED,
+        }
+        assert after[spec(3).uuid].owner == "user3"
+        assert again.start(spec(3).uuid).state is DomainState.RUNNING
+        assert again.resume(spec(2).uuid).state is DomainState.RUNNING
+    finally:
+        again.close()
+
+
+def test_a_no_op_verb_does_not_rewrite_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "h.xml"
+    driver = open_driver(path)
+    try:
+        uuid = driver.define(spec(1)).uuid
+        driver.start(uuid)
+        inode = path.stat().st_ino      # every write replaces the file
+        driver.start(uuid)
+        driver.define(spec(1))
+        assert path.stat().st_ino == inode
+        driver.pause(uuid)
+        assert path.stat().st_ino != inode
+    finally:
+        driver.close()
+
+
+def test_resizing_keeps_the_domains(tmp_path: Path) -> None:
+    path = tmp_path / "h.xml"
+    driver = open_driver(path)
+    driver.define(spec(1))
+    driver.start(spec(1).uuid)
+    driver.define(spec(2))
+    driver.start(spec(2).uuid)
+    driver.hibernate(spec(2).uuid)
+    driver.define(spec(3))
+    driver.close()
+
+    bigger = open_driver(path, cpus=64, memory_mib=262144)
+    try:
+        facts = bigger.host_facts()
+        assert (facts.cpus, facts.memory_mib) == (64, 262144)
+        domains = {d.uuid: d for d in bigger.list_domains()}
+        assert domains[spec(1).uuid].state is DomainState.RUNNING
+        assert domains[spec(1).uuid].owner == "alice"
+        assert domains[spec(2).uuid].state is DomainState.HIBERNATED
+        assert domains[spec(3).uuid].state is DomainState.STOPPED
+    finally:
+        bigger.close()
+
+
+def test_save_rereads_only_the_changed_domains(tmp_path: Path) -> None:
+    host = FakeHost.create(tmp_path / "h.xml", hostname="h", cpus=4, memory_mib=8192)
+    conn = libvirt.open(host.uri)
+    try:
+        for n in (1, 2):
+            conn.defineXML(build_domain_xml(spec(n), "test"))
+        host.save(conn)
+        # Start domain 2 without telling the cache: a save naming only
+        # domain 1 keeps the cached (stopped) domain 2.
+        conn.lookupByUUIDString(spec(2).uuid).create()
+        host.save(conn, changed={spec(1).uuid})
+        assert "<test:runstate>1</test:runstate>" not in host.path.read_text()
+        host.save(conn, changed={spec(2).uuid})
+        assert host.path.read_text().count("<test:runstate>1</test:runstate>") == 1
+        # A changed UUID that no longer exists is dropped from the file.
+        conn.lookupByUUIDString(spec(1).uuid).undefine()
+        host.save(conn, changed={spec(1).uuid})
+        assert spec(1).uuid not in host.path.read_text()
+        assert spec(2).uuid in host.path.read_text()
+    finally:
+        conn.close()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_transient_domains_stay_transient(tmp_path: Path) -> None:
+    host = FakeHost.create(tmp_path / "h.xml", hostname="h", cpus=4, memory_mib=8192)
+    conn = libvirt.open(host.uri)
+    try:
+        conn.createXML("<domain type='test'><name>t</name><memory>65536</memory>"
+                       "<os><type>hvm</type></os></domain>")
+        host.save(conn)
+    finally:
+        conn.close()
+    conn = libvirt.open(host.uri)
+    try:
+        dom = conn.lookupByName("t")
+        assert dom.isActive() and not dom.isPersistent()
+    finally:
+        conn.close()
+
+
+def test_a_file_that_is_not_a_host_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "h.xml"
+    path.write_text("<domain/>")
+    with pytest.raises(ConfigError):
+        FakeHost.create(path, hostname="h", cpus=1, memory_mib=512)
+    path.write_text("not xml")
+    with pytest.raises(ConfigError):
+        FakeHost.create(path, hostname="h", cpus=1, memory_mib=512)
+    with pytest.raises(ConfigError):
+        FakeHost.create(tmp_path / "new.xml", hostname="h", cpus=0, memory_mib=512)

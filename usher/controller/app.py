@@ -1,0 +1,130 @@
+"""The controller daemon: builds the services, recovers state, serves.
+
+Start-up order matters for crash safety: the schema is checked, the
+in-memory registry is rebuilt from SQL (VMs, hosts, unfinished tasks and
+their reservations, recent replies), and only then does the listener open.
+Hosts known from before are not trusted until their node managers register
+again; one that stays away for ``host_lost_after_s`` is lost. Unfinished
+tasks are settled as their hosts register; a sweeper ends in ``error`` any
+task whose deadline passes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from usher.config import ControllerConfig
+from usher.controller import db as dbmod
+from usher.controller.auth import LoginLimiter, UserStore
+from usher.controller.context import Context, NodeLinks, Sessions
+from usher.controller.events import EventBus, load_plugins
+from usher.controller.hosts import HostService
+from usher.controller.models import Host, Task, Vm
+from usher.controller.providers import PlacementProvider, ProviderChain
+from usher.controller.server import ControllerServer
+from usher.controller.service import VmService
+from usher.controller.state import HostRec, Registry, TaskRec, VmRec
+from usher.protocol import tls
+
+log = logging.getLogger(__name__)
+
+RECENT_TASKS_LOADED = 5000
+
+
+class Controller:
+    """One controller process; ``await start()``, then ``await stop()``."""
+
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self.address: tuple[str, int] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> tuple[str, int]:
+        cfg = self.config
+        engine = dbmod.make_engine(cfg.database_url)
+        await asyncio.to_thread(dbmod.check_schema, engine)
+        db = dbmod.Database(engine)
+        reg = Registry()
+        placement = PlacementProvider(reg)
+        self.ctx = ctx = Context(config=cfg, db=db, reg=reg, placement=placement,
+                                 providers=ProviderChain([placement]),
+                                 bus=EventBus(cfg.plugin_timeout_s), nodes=NodeLinks(),
+                                 sessions=Sessions())
+        self.vms = VmService(ctx)
+        self.hosts = HostService(ctx, self.vms)
+        await db.run(self._load)
+        await db.run(self.vms.load_replies)
+        loaded = load_plugins(ctx.bus, cfg, ctx)
+        log.info("plugins: %s", ", ".join(loaded) or "none")
+        users = UserStore(db, LoginLimiter(cfg.login_max_failures, cfg.login_window_s))
+        ssl_context = tls.server_context(cfg.cert, cfg.key, cfg.ca_cert)
+        self.server = ControllerServer(ctx, users, self.vms, self.hosts, ssl_context,
+                                       self._issue_host_cert)
+        self.address = await self.server.start()
+        loop = asyncio.get_running_loop()
+        for host in reg.hosts.values():
+            self.hosts._lost_timers[host.name] = loop.call_later(
+                cfg.host_lost_after_s, self.hosts._lose, host.name)
+        self._sweeper = asyncio.create_task(self._sweep_deadlines())
+        ctx.fire("ctrl_start", subject=cfg.site_domain)
+        log.info("controller for %s listening on %s:%d (%d VMs, %d hosts, %d open tasks)",
+                 cfg.site_domain, *self.address, len(reg.vms), len(reg.hosts),
+                 sum(1 for t in reg.tasks.values() if t.active))
+        return self.address
+
+    def _load(self, session: Session) -> None:
+        reg = self.ctx.reg
+        for h in session.scalars(select(Host)):
+            reg.hosts[h.name] = HostRec(
+                name=h.name, state=h.state, disabled=h.disabled, hypervisor=h.hypervisor,
+                cpus=h.cpus, memory_mib=h.memory_mib, live_migration=h.live_migration,
+                managed_save=h.managed_save, last_seen=h.last_seen)
+        for v in session.scalars(select(Vm)):
+            reg.add_vm(VmRec(uuid=v.uuid, name=v.name, cluster=v.cluster, owner=v.owner,
+                             host=v.host, state=v.state, memory_mib=v.memory_mib,
+                             vcpus=v.vcpus, mac=v.mac, ip=v.ip, since=v.since,
+                             started=v.started, reason=v.reason))
+        open_tasks = session.scalars(select(Task).where(Task.state == "running")).all()
+        recent = session.scalars(select(Task).where(Task.state != "running")
+                                 .order_by(Task.created.desc()).limit(RECENT_TASKS_LOADED))
+        for t in [*reversed(recent.all()), *open_tasks]:
+            task = TaskRec(id=t.id, op=t.op, user=t.user, vm_uuid=t.vm_uuid,
+                           vm_name=t.vm_name, state=t.state, created=t.created,
+                           deadline=t.deadline, step=t.step, host=t.host, target=t.target,
+                           created_vm=t.created_vm, message=t.message, vm_state=t.vm_state,
+                           finished=t.finished)
+            reg.add_task(task)
+            vm = reg.vms.get(t.vm_uuid or "")
+            if task.active and vm is not None:
+                vm.task = task.id
+                if task.op == "migrate" and task.target and vm.host != task.target:
+                    reg.hold(task.target, vm)
+
+    async def _sweep_deadlines(self) -> None:
+        """End tasks whose deadline passed while no runner was working on them."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.time()
+            for task in list(self.ctx.reg.tasks.values()):
+                if task.active and task.deadline < now and not self.vms.running(task.id):
+                    self.vms.settle(task, None)
+
+    def _issue_host_cert(self, hostname: str) -> tuple[str, str]:
+        cert, key = tls.issue_cert(Path(self.config.ca_cert).read_bytes(),
+                                   Path(self.config.ca_key).read_bytes(),
+                                   common_name=hostname, role="host", dns_names=[hostname])
+        return cert.decode(), key.decode()
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self.server.stop()
+        await self.vms.stop()
+        await self.ctx.bus.drain(2.0)
+        await asyncio.to_thread(self.ctx.db.close)

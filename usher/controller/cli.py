@@ -1,0 +1,229 @@
+"""``usher-controller``: the daemon and its site administration commands.
+
+::
+
+    usher-controller [--config PATH] init --site DOMAIN [--admin NAME] [--state-dir DIR]
+    usher-controller [--config PATH] db upgrade
+    usher-controller [--config PATH] user add|passwd|del|list ...
+    usher-controller [--config PATH] join-token HOSTNAME
+    usher-controller [--config PATH] [serve]
+
+Passwords are read with getpass from a terminal, else one line from standard
+input (``--password-file`` for scripts); never from the command line. Errors
+print one line and exit with the error's exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import hashlib
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+
+from usher import failpoints
+from usher.config import DEFAULT_CONTROLLER_CONFIG, ControllerConfig, load_toml, to_toml
+from usher.controller import auth
+from usher.controller import db as dbmod
+from usher.controller.models import JoinToken
+from usher.errors import ConfigError, InvalidRequest, UsherError
+from usher.names import validate_domain
+from usher.protocol import tls
+
+log = logging.getLogger("usher.controller")
+
+
+def _read_password(args: argparse.Namespace, prompt: str) -> str:
+    if getattr(args, "password_file", None):
+        path = Path(args.password_file)
+        try:
+            text = path.read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        password = text[0] if text else ""
+    elif sys.stdin.isatty():
+        password = getpass.getpass(prompt)
+        if getpass.getpass("again: ") != password:
+            raise InvalidRequest("the passwords differ; nothing changed")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if len(password) < 8:
+        raise InvalidRequest("password too short: use at least 8 characters")
+    return password
+
+
+def _config(args: argparse.Namespace) -> ControllerConfig:
+    return load_toml(ControllerConfig, Path(args.config))
+
+
+def _database(cfg: ControllerConfig) -> dbmod.Database:
+    engine = dbmod.make_engine(cfg.database_url)
+    dbmod.check_schema(engine)
+    return dbmod.Database(engine)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write config, PKI, database and the first site admin; safe to re-run."""
+    config_path = Path(args.config)
+    site = validate_domain(args.site)
+    state = Path(args.state_dir).resolve()
+    pki_dir = config_path.parent.resolve() / "pki"
+    host, _, port = args.listen.rpartition(":")
+    names = sorted({host, "localhost", "127.0.0.1", *args.controller_name})
+    pki = tls.write_site_pki(pki_dir, site=site, controller_names=names)
+    if config_path.exists():
+        cfg = load_toml(ControllerConfig, config_path)
+    else:
+        cfg = ControllerConfig(
+            site_domain=site, listen_host=host, listen_port=int(port),
+            database_url=args.database_url or f"sqlite:///{state / 'usher.db'}",
+            ca_cert=str(pki.ca_cert), ca_key=str(pki.ca_key), cert=str(pki.controller_cert),
+            key=str(pki.controller_key))
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(to_toml(cfg))
+    state.mkdir(parents=True, exist_ok=True)
+    dbmod.upgrade(cfg.database_url)
+    db = _database(cfg)
+    try:
+        if not db.run_sync(lambda s: auth.list_users(s)):
+            password = secrets.token_urlsafe(12)
+            name = args.admin
+            db.run_sync(lambda s: auth.add_user(s, name, password, site_admin=True))
+            secret = state / f"{name}.password"
+            secret.touch(mode=0o600)
+            secret.write_text(password + "\n")
+            print(f"site admin {name} created; password in {secret} (mode 600)")
+    finally:
+        db.close()
+    print(f"config {config_path}, CA {pki.ca_cert}, database {cfg.database_url}")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    head = dbmod.upgrade(cfg.database_url)
+    print(f"database schema is at revision {head}")
+    return 0
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    db = _database(cfg)
+    try:
+        if args.user_cmd == "add":
+            password = _read_password(args, f"password for {args.name}: ")
+            db.run_sync(lambda s: auth.add_user(s, args.name, password,
+                                                site_admin=args.site_admin,
+                                                usher=not args.no_usher))
+            print(f"user {args.name} added")
+        elif args.user_cmd == "passwd":
+            password = _read_password(args, f"new password for {args.name}: ")
+            db.run_sync(lambda s: auth.set_password(s, args.name, password))
+            print(f"password of {args.name} changed")
+        elif args.user_cmd == "del":
+            db.run_sync(lambda s: auth.delete_user(s, args.name))
+            print(f"user {args.name} deleted")
+        else:
+            for u in db.run_sync(auth.list_users):
+                flags = ",".join(f for f, on in (("site_admin", u.site_admin),
+                                                 ("usher", u.usher)) if on) or "-"
+                print(f"{u.name:<20} {flags}")
+    finally:
+        db.close()
+    return 0
+
+
+def cmd_join_token(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    hostname = validate_domain(args.hostname)
+    token = secrets.token_urlsafe(24)
+    row = JoinToken(token_hash=hashlib.sha256(token.encode()).hexdigest(), hostname=hostname,
+                    expires=time.time() + cfg.join_token_ttl_s)
+    db = _database(cfg)
+    try:
+        db.run_sync(lambda s: s.add(row))
+    finally:
+        db.close()
+    print(token)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from usher.controller.app import Controller
+
+    cfg = _config(args)
+    failpoints.arm(os.environ.get("USHER_FAILPOINTS", ""))
+
+    async def run() -> None:
+        controller = Controller(cfg)
+        await controller.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping")
+        await controller.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="usher-controller",
+                                description="The usher controller daemon and its admin tools.")
+    p.add_argument("--config", default=str(DEFAULT_CONTROLLER_CONFIG),
+                   help="controller config file (default: %(default)s)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    sub = p.add_subparsers(dest="cmd")
+    init = sub.add_parser("init", help="write config, CA, certificates, DB and a site admin")
+    init.add_argument("--site", required=True, help="site DNS domain, e.g. usher.example.org")
+    init.add_argument("--admin", default="siteadmin", help="name of the first site admin")
+    init.add_argument("--state-dir", default="/var/lib/usher", help="where the DB lives")
+    init.add_argument("--listen", default="127.0.0.1:7443", help="HOST:PORT to listen on")
+    init.add_argument("--controller-name", action="append", default=[],
+                      help="extra DNS name or IP for the controller certificate")
+    init.add_argument("--database-url", default="", help="SQLAlchemy URL (default: SQLite)")
+    dbp = sub.add_parser("db", help="database schema")
+    dbp.add_argument("db_cmd", choices=["upgrade"])
+    user = sub.add_parser("user", help="the embedded user store")
+    usub = user.add_subparsers(dest="user_cmd", required=True)
+    for name, helptext in (("add", "add a user"), ("passwd", "set a user's password")):
+        sp = usub.add_parser(name, help=helptext)
+        sp.add_argument("name")
+        sp.add_argument("--password-file", help="read the password from this file")
+        if name == "add":
+            sp.add_argument("--site-admin", action="store_true", help="make a site admin")
+            sp.add_argument("--no-usher", action="store_true",
+                            help="may log in but not create VMs")
+    usub.add_parser("del", help="delete a user").add_argument("name")
+    usub.add_parser("list", help="list users")
+    jt = sub.add_parser("join-token", help="make a one-time token a new host joins with")
+    jt.add_argument("hostname")
+    sub.add_parser("serve", help="run the daemon (the default)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    commands = {"init": cmd_init, "db": cmd_db, "user": cmd_user, "join-token": cmd_join_token,
+                "serve": cmd_serve, None: cmd_serve}
+    try:
+        return commands[args.cmd](args)
+    except UsherError as exc:
+        print(f"usher-controller: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""SQL schema of the controller's state (SQLAlchemy 2 declarative models).
+
+Dumb data: the models hold columns and nothing else; every rule lives in the
+service layer. The schema changes only through Alembic migrations in
+``usher/controller/migrations``; a test checks the models and the migrations
+agree.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    """A person of the embedded user store (until a directory is configured)."""
+
+    __tablename__ = "users"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    site_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    usher: Mapped[bool] = mapped_column(Boolean, default=True)  # may create VMs
+    created: Mapped[float] = mapped_column(Float)
+
+
+class Host(Base):
+    """A physical host (VMM) that a node manager has registered."""
+
+    __tablename__ = "hosts"
+    name: Mapped[str] = mapped_column(String(253), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))  # up | disabled | lost
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    hypervisor: Mapped[str] = mapped_column(String(255), default="")
+    cpus: Mapped[int] = mapped_column(Integer, default=0)
+    memory_mib: Mapped[int] = mapped_column(Integer, default=0)
+    live_migration: Mapped[bool] = mapped_column(Boolean, default=False)
+    managed_save: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_seen: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class Vm(Base):
+    """A VM usher placed: its identity, size, owner and last known state."""
+
+    __tablename__ = "vms"
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(253), unique=True)
+    cluster: Mapped[str] = mapped_column(String(253), index=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    host: Mapped[str | None] = mapped_column(String(253), nullable=True, index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    memory_mib: Mapped[int] = mapped_column(Integer)
+    vcpus: Mapped[int] = mapped_column(Integer)
+    mac: Mapped[str] = mapped_column(String(17), unique=True)
+    ip: Mapped[str | None] = mapped_column(String(45), nullable=True)
+    since: Mapped[float] = mapped_column(Float)
+    started: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created: Mapped[float] = mapped_column(Float)
+
+
+class Transition(Base):
+    """Every VM state change with its cause (kept after the VM is destroyed)."""
+
+    __tablename__ = "transitions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    vm_uuid: Mapped[str] = mapped_column(String(36), index=True)
+    vm_name: Mapped[str] = mapped_column(String(253))
+    time: Mapped[float] = mapped_column(Float)
+    old: Mapped[str] = mapped_column(String(16))
+    new: Mapped[str] = mapped_column(String(16))
+    cause: Mapped[str] = mapped_column(Text)
+
+
+class Task(Base):
+    """One operation on one VM or host, journaled before anything is dispatched."""
+
+    __tablename__ = "tasks"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    op: Mapped[str] = mapped_column(String(32))
+    user: Mapped[str] = mapped_column(String(64), index=True)
+    vm_uuid: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
+    vm_name: Mapped[str] = mapped_column(String(253))
+    state: Mapped[str] = mapped_column(String(16), index=True)  # running | done | error
+    step: Mapped[str] = mapped_column(String(32), default="")
+    host: Mapped[str | None] = mapped_column(String(253), nullable=True)  # where it acts
+    target: Mapped[str | None] = mapped_column(String(253), nullable=True)  # migrate target
+    created_vm: Mapped[bool] = mapped_column(Boolean, default=False)
+    message: Mapped[str] = mapped_column(Text, default="")
+    vm_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    created: Mapped[float] = mapped_column(Float)
+    deadline: Mapped[float] = mapped_column(Float)
+    finished: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class RequestRecord(Base):
+    """The reply to a mutation, kept so a resent request id returns it again."""
+
+    __tablename__ = "requests"
+    user: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    op: Mapped[str] = mapped_column(String(32))
+    reply: Mapped[bytes] = mapped_column(LargeBinary)
+    created: Mapped[float] = mapped_column(Float, index=True)
+
+
+class JoinToken(Base):
+    """A one-time, short-lived token a new host exchanges for its certificate."""
+
+    __tablename__ = "join_tokens"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(253))
+    expires: Mapped[float] = mapped_column(Float)
+    used: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Outbox(Base):
+    """Writes to other systems (DNS, LDAP), replayed until they succeed."""
+
+    __tablename__ = "outbox"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    task_id: Mapped[str | None] = mapped_column(String(36), ForeignKey("tasks.id"),
+                                                nullable=True)
+    created: Mapped[float] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_try: Mapped[float] = mapped_column(Float)
+    done: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+
+
+class Event(Base):
+    """The audit trail: every event fired, with who and what."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    time: Mapped[float] = mapped_column(Float)
+    name: Mapped[str] = mapped_column(String(64))
+    user: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    subject: Mapped[str | None] = mapped_column(String(253), nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+Index("ix_tasks_user_created", Task.user, Task.created)

@@ -1,0 +1,136 @@
+"""Resource providers: the parts of a task that reserve, commit and release.
+
+A provider takes part in a VM's creation and destruction (DESIGN section 6).
+``reserve`` runs on the event loop with no ``await``: it decides and records
+its decision in the :class:`Placement` being built, atomically with the
+checks before it. ``commit`` runs when the VM exists; ``release`` undoes a
+reservation, on failure or on destroy, and must be safe to call twice. A
+provider that cannot reserve raises an :class:`UsherError` and every provider
+that had reserved before it is released, so a failed start leaves nothing
+behind.
+
+Placement is the first provider: it fits memory and vcpus, prefers the host
+with the most free memory, honours ``--vmm``, and says which resource is
+short when nothing fits.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from usher.controller.state import HostRec, Registry, VmRec
+from usher.errors import HostNotFound, HostUnavailable, NoCapacity
+
+
+@dataclass(slots=True)
+class Placement:
+    """What the providers decided for one new (or moving) VM."""
+
+    vm: VmRec
+    vmm: str | None = None  # host asked for by the caller
+    host: str | None = None  # chosen host
+    exclude: frozenset[str] = frozenset()
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+class Provider(abc.ABC):
+    """One resource a VM needs; see the module docstring for the contract."""
+
+    name: str
+
+    @abc.abstractmethod
+    def reserve(self, placement: Placement) -> None:
+        """Reserve the resource for ``placement.vm``; raise an UsherError if impossible."""
+
+    def commit(self, placement: Placement) -> None:  # noqa: B027 - optional hook
+        """The VM now exists: make the reservation durable (default: nothing)."""
+
+    @abc.abstractmethod
+    def release(self, vm: VmRec) -> None:
+        """Undo the reservation for ``vm``; idempotent."""
+
+
+class PlacementProvider(Provider):
+    """Chooses the host: fit memory and vcpus, most free memory first."""
+
+    name = "placement"
+
+    def __init__(self, registry: Registry) -> None:
+        self._reg = registry
+
+    def reserve(self, placement: Placement) -> None:
+        best = self.choose(placement.vm, placement.vmm, placement.exclude)
+        placement.host = best.name
+        self._reg.move_vm(placement.vm, best.name)
+
+    def choose(self, vm: VmRec, vmm: str | None, exclude: Iterable[str] = ()) -> HostRec:
+        """The host ``vm`` should go to; raises if none fits. Changes nothing."""
+        hosts = self._reg.hosts
+        if vmm is not None:
+            host = hosts.get(vmm)
+            if host is None:
+                raise HostNotFound(f"no VMM named {vmm}; see vmm_list")
+            if host.state != "up":
+                raise HostUnavailable(f"VMM {host.name} is {host.state}; choose another "
+                                      f"or leave out --vmm")
+            candidates = [host]
+        else:
+            skip = set(exclude)
+            candidates = [h for h in hosts.values() if h.state == "up" and h.name not in skip]
+            if not candidates:
+                raise NoCapacity("no VMM is up to take the VM; see vmm_list",
+                                 details={"short": "hosts"})
+        fitting = [h for h in candidates if h.free_memory_mib >= vm.memory_mib
+                   and h.cpus >= vm.vcpus]
+        if not fitting:
+            raise self._shortage(vm, candidates)
+        return max(fitting, key=lambda h: (h.free_memory_mib, h.name))
+
+    @staticmethod
+    def _shortage(vm: VmRec, candidates: list[HostRec]) -> NoCapacity:
+        most_mem = max(h.free_memory_mib for h in candidates)
+        most_cpus = max(h.cpus for h in candidates)
+        if most_mem < vm.memory_mib:
+            return NoCapacity(
+                f"no VMM has {vm.memory_mib} MiB of memory free (most free: {most_mem} MiB); "
+                f"ask for less with --ram or destroy VMs",
+                details={"short": "memory", "wanted": vm.memory_mib, "most_free": most_mem})
+        if most_cpus < vm.vcpus:
+            return NoCapacity(
+                f"no VMM has {vm.vcpus} cpus (largest: {most_cpus}); ask for fewer with --vcpus",
+                details={"short": "vcpus", "wanted": vm.vcpus, "largest": most_cpus})
+        return NoCapacity(
+            f"no single VMM has both {vm.memory_mib} MiB free and {vm.vcpus} cpus",
+            details={"short": "memory+vcpus"})
+
+    def release(self, vm: VmRec) -> None:
+        if vm.host is not None:
+            self._reg.move_vm(vm, None)
+
+
+class ProviderChain:
+    """Runs providers in order; a failure releases those that had reserved."""
+
+    def __init__(self, providers: list[Provider]) -> None:
+        self.providers = providers
+
+    def reserve(self, placement: Placement) -> None:
+        done: list[Provider] = []
+        try:
+            for provider in self.providers:
+                provider.reserve(placement)
+                done.append(provider)
+        except BaseException:
+            for provider in reversed(done):
+                provider.release(placement.vm)
+            raise
+
+    def commit(self, placement: Placement) -> None:
+        for provider in self.providers:
+            provider.commit(placement)
+
+    def release(self, vm: VmRec) -> None:
+        for provider in reversed(self.providers):
+            provider.release(vm)

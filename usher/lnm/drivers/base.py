@@ -1,0 +1,312 @@
+"""The hypervisor driver interface and the plain data it speaks.
+
+Every hypervisor the node manager can drive implements :class:`HypervisorDriver`.
+The contract stated in its docstrings is checked by one test suite run against
+every driver (``tests/contract/test_drivers.py``); the in-memory
+:class:`~usher.lnm.drivers.fake.FakeDriver` is its executable description.
+
+Rules every driver follows:
+
+* Domains are named by their UUID string (canonical, lower case). Hypervisor
+  handles and numeric IDs never leave the driver.
+* Drivers are synchronous. The node manager calls them from one worker thread
+  with its own timeouts; the only other thread that may touch a driver is the
+  one delivering lifecycle events, so drivers guard their state with a lock.
+* Drivers never call up. State changes are pushed through the callback given to
+  :meth:`HypervisorDriver.set_event_callback` as :class:`DomainEvent` values.
+* Failures are usher errors: :class:`~usher.errors.DomainNotFound`,
+  :class:`~usher.errors.DomainExists`, :class:`~usher.errors.InvalidState`
+  (the verb does not fit the domain's state; ``details['state']`` names it),
+  :class:`~usher.errors.TimedOut`, :class:`~usher.errors.NotConnected` (the
+  driver is not open) and :class:`~usher.errors.HypervisorError` for anything
+  else the hypervisor refuses.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import re
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from usher.errors import InvalidRequest, InvalidState
+
+
+class DomainState(enum.StrEnum):
+    """What a domain is doing, as usher sees it."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    CRASHED = "crashed"          # stopped because the guest crashed
+    HIBERNATED = "hibernated"    # stopped with a saved memory image (managed save)
+    SHUTTING_DOWN = "shutting_down"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class DomainSpec:
+    """Everything a driver needs to define a VM; built by the controller.
+
+    New fields get defaults so that older callers keep working.
+    """
+
+    uuid: str               # canonical lower-case UUID; becomes the hypervisor's domain UUID
+    name: str               # the VM's FQDN; becomes the hypervisor's domain name
+    memory_mib: int
+    vcpus: int
+    mac: str                # "52:54:00:xx:xx:xx"
+    owner: str              # usher user name
+    task_id: str            # the task that created the VM
+
+
+@dataclass(frozen=True, slots=True)
+class DomainInfo:
+    """A domain as the hypervisor reports it now."""
+
+    uuid: str
+    name: str
+    state: DomainState
+    memory_mib: int
+    vcpus: int
+    owner: str | None       # None: usher did not define this domain
+    task_id: str | None
+    mac: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class HostFacts:
+    """The size and identity of the host a driver runs on."""
+
+    hostname: str
+    cpus: int
+    memory_mib: int
+    hypervisor: str         # the libvirt URI, or "fake"
+
+
+@dataclass(frozen=True, slots=True)
+class DriverCapabilities:
+    """What a driver can do beyond the mandatory verbs."""
+
+    live_migration: bool
+    managed_save: bool      # hibernate() works
+    acpi: bool              # shutdown() asks the guest; without it the guest cannot be asked
+
+
+@dataclass(frozen=True, slots=True)
+class DomainEvent:
+    """A lifecycle change of one domain, pushed up through the event callback.
+
+    ``reason`` is short text ``"<event>/<detail>"``, e.g. ``"started/booted"``,
+    ``"suspended/paused"``, ``"stopped/destroyed"``, ``"stopped/saved"``. A reason
+    starting with ``"undefined/"`` means the domain no longer exists (its
+    ``state`` is then STOPPED); ``"defined/"`` means it was just defined or
+    redefined.
+    """
+
+    uuid: str
+    name: str
+    state: DomainState
+    reason: str
+
+
+EventCallback = Callable[[DomainEvent], None]
+
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def check_spec(spec: DomainSpec) -> None:
+    """Reject a spec no hypervisor could take, the same way in every driver.
+
+    Raises:
+        InvalidRequest: the UUID is not canonical lower case, the MAC is not
+            lower-case colon hex, or memory or vCPUs are not positive.
+    """
+    try:
+        canonical = str(uuidlib.UUID(spec.uuid))
+    except ValueError:
+        canonical = ""
+    if canonical != spec.uuid:
+        raise InvalidRequest(f"domain UUID {spec.uuid!r} is not a canonical lower-case UUID")
+    if not _MAC_RE.match(spec.mac):
+        raise InvalidRequest(f"MAC address {spec.mac!r} is not lower-case colon hex")
+    if spec.memory_mib <= 0 or spec.vcpus <= 0:
+        raise InvalidRequest(
+            f"domain {spec.name} needs positive memory and vCPUs "
+            f"(got {spec.memory_mib} MiB, {spec.vcpus} vCPUs)")
+
+
+def invalid_state(verb: str, uuid: str, name: str, state: DomainState) -> InvalidState:
+    """The error for ``verb`` refused because the domain is in ``state``."""
+    return InvalidState(
+        f"cannot {verb} domain {name}: it is {state.value}",
+        details={"uuid": uuid, "name": name, "state": state.value},
+    )
+
+
+class HypervisorDriver(abc.ABC):
+    """One hypervisor connection on one host.
+
+    Every method except :meth:`open`, :meth:`close` and
+    :meth:`set_event_callback` raises :class:`~usher.errors.NotConnected` while
+    the driver is not open, and :class:`~usher.errors.HypervisorError` (with
+    the hypervisor's message) when the hypervisor fails in a way not named
+    below. Methods taking a UUID raise
+    :class:`~usher.errors.DomainNotFound` when no domain has it (except
+    :meth:`undefine`, which succeeds).
+
+    A verb that does not fit the domain's current state raises
+    :class:`~usher.errors.InvalidState` whose message and ``details['state']``
+    name that state. A verb whose goal already holds is a no-op that returns
+    the domain as it is (idempotency lets the controller retry after a lost
+    reply). Every state-changing verb returns the domain as it is after the
+    change and emits the events listed in its docstring.
+    """
+
+    name: ClassVar[str]
+    capabilities: DriverCapabilities
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Connect to the hypervisor. Calling it while open does nothing.
+
+        Raises:
+            HypervisorError: the hypervisor cannot be reached.
+        """
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Drop the connection and stop delivering events; idempotent.
+
+        Domains keep running: closing a driver never changes the host.
+        """
+
+    @abc.abstractmethod
+    def set_event_callback(self, cb: EventCallback | None) -> None:
+        """Deliver lifecycle events to ``cb`` from now on (None: stop delivering).
+
+        The callback may run on another thread than the caller's (the event
+        loop's); it must be quick and must not raise. It may be set before or
+        after :meth:`open`.
+
+        Raises:
+            HypervisorError: the hypervisor cannot deliver events (for libvirt:
+                no event loop implementation is registered).
+        """
+
+    @abc.abstractmethod
+    def host_facts(self) -> HostFacts:
+        """The host's name and total size (not what is free)."""
+
+    @abc.abstractmethod
+    def list_domains(self) -> list[DomainInfo]:
+        """Every domain on the host, including ones usher did not define.
+
+        A domain that disappears while being listed is left out.
+        """
+
+    @abc.abstractmethod
+    def get_domain(self, uuid: str) -> DomainInfo:
+        """The domain with this UUID.
+
+        Raises:
+            DomainNotFound: no such domain.
+        """
+
+    @abc.abstractmethod
+    def define(self, spec: DomainSpec) -> DomainInfo:
+        """Define (not start) a persistent domain; idempotent by UUID.
+
+        A domain that already has ``spec.uuid`` is returned as it is, never
+        redefined. Emits ``STOPPED "defined/added"`` for a new domain.
+
+        Raises:
+            InvalidRequest: the spec is malformed (see :func:`check_spec`).
+            DomainExists: another domain (other UUID) already has ``spec.name``.
+        """
+
+    @abc.abstractmethod
+    def start(self, uuid: str) -> DomainInfo:
+        """Boot a stopped or crashed domain, or restore a hibernated one.
+
+        Running: no-op. Emits ``RUNNING "started/booted"`` (or
+        ``"started/restored"``).
+
+        Raises:
+            InvalidState: the domain is paused (use :meth:`resume`) or shutting down.
+        """
+
+    @abc.abstractmethod
+    def shutdown(self, uuid: str, timeout_s: float) -> DomainInfo:
+        """Ask the guest to power off (ACPI) and wait until it is stopped.
+
+        Stopped, crashed or hibernated: no-op (a hibernated domain keeps its
+        saved image). Emits ``STOPPED "stopped/shutdown"``.
+
+        Raises:
+            TimedOut: the guest did not stop within ``timeout_s``; it is left
+                running (the caller may :meth:`power_off` it).
+            InvalidState: the domain is paused (a paused guest cannot act on ACPI).
+        """
+
+    @abc.abstractmethod
+    def reboot(self, uuid: str) -> DomainInfo:
+        """Ask the guest to reboot; returns at once, the domain stays running.
+
+        No lifecycle event is emitted: the domain never leaves RUNNING.
+
+        Raises:
+            InvalidState: the domain is not running.
+        """
+
+    @abc.abstractmethod
+    def power_off(self, uuid: str) -> DomainInfo:
+        """Stop the domain at once, like pulling the plug.
+
+        Stopped, crashed or hibernated: no-op. Emits ``STOPPED "stopped/destroyed"``.
+        """
+
+    @abc.abstractmethod
+    def pause(self, uuid: str) -> DomainInfo:
+        """Freeze a running domain's vCPUs; paused: no-op.
+
+        Emits ``PAUSED "suspended/paused"``.
+
+        Raises:
+            InvalidState: the domain is not running.
+        """
+
+    @abc.abstractmethod
+    def resume(self, uuid: str) -> DomainInfo:
+        """Unfreeze a paused domain; running: no-op.
+
+        Emits ``RUNNING "resumed/unpaused"``.
+
+        Raises:
+            InvalidState: the domain is neither paused nor running.
+        """
+
+    @abc.abstractmethod
+    def hibernate(self, uuid: str) -> DomainInfo:
+        """Save a running or paused domain's memory and stop it (managed save).
+
+        The domain becomes HIBERNATED; :meth:`start` restores it running.
+        Hibernated: no-op. Emits ``HIBERNATED "stopped/saved"``.
+
+        Raises:
+            InvalidState: the domain is stopped, crashed or shutting down.
+            HypervisorError: the driver cannot save (``capabilities.managed_save``
+                is False).
+        """
+
+    @abc.abstractmethod
+    def undefine(self, uuid: str) -> None:
+        """Remove the domain: power it off if needed, drop its saved image, undefine it.
+
+        A missing domain succeeds (the goal already holds). Emits
+        ``STOPPED "stopped/destroyed"`` if it was running, then
+        ``STOPPED "undefined/removed"``.
+        """

@@ -1,0 +1,249 @@
+"""An in-memory hypervisor that documents, by running, what every driver does.
+
+:class:`FakeDriver` keeps domains in a dict and follows the contract of
+:class:`~usher.lnm.drivers.base.HypervisorDriver` exactly as the libvirt driver
+does (the contract suite runs both). Use it where a test needs a node manager
+but not a hypervisor, and read it to learn the semantics without libvirt.
+
+What the fake models and libvirt's test driver cannot: a guest that ignores
+ACPI (:meth:`FakeDriver.ignore_acpi`), so that shutdown times out.
+What it does not model: time. Every verb completes at once, and a shutdown
+that would time out raises TimedOut at once instead of after ``timeout_s``.
+Events are delivered synchronously, on the calling thread, after the change
+and outside the driver's lock, so a callback may call back into the driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Iterable
+from typing import ClassVar
+
+from usher.errors import DomainExists, DomainNotFound, HypervisorError, NotConnected, TimedOut
+from usher.lnm.drivers.base import (
+    DomainEvent,
+    DomainInfo,
+    DomainSpec,
+    DomainState,
+    DriverCapabilities,
+    EventCallback,
+    HostFacts,
+    HypervisorDriver,
+    check_spec,
+    invalid_state,
+)
+
+log = logging.getLogger(__name__)
+
+_NOT_RUNNING = frozenset({DomainState.STOPPED, DomainState.CRASHED, DomainState.HIBERNATED})
+
+
+class FakeDriver(HypervisorDriver):
+    """A hypervisor made of a dict; the host keeps its domains across close/open.
+
+    ``domains`` are what the host already has when the driver is made, e.g.
+    domains usher did not define (owner None).
+    """
+
+    name: ClassVar[str] = "fake"
+
+    def __init__(self, *, hostname: str = "fake.usher.example.org", cpus: int = 8,
+                 memory_mib: int = 16384, domains: Iterable[DomainInfo] = ()) -> None:
+        self.capabilities = DriverCapabilities(live_migration=False, managed_save=True,
+                                               acpi=True)
+        self._facts = HostFacts(hostname=hostname, cpus=cpus, memory_mib=memory_mib,
+                                hypervisor="fake")
+        self._lock = threading.Lock()
+        self._open = False
+        self._event_cb: EventCallback | None = None
+        self._domains: dict[str, DomainInfo] = {d.uuid: d for d in domains}
+        self._ignores_acpi: set[str] = set()
+
+    def open(self) -> None:
+        """See :meth:`HypervisorDriver.open`; never fails."""
+        self._open = True
+
+    def close(self) -> None:
+        """See :meth:`HypervisorDriver.close`."""
+        self._open = False
+
+    def set_event_callback(self, cb: EventCallback | None) -> None:
+        """See :meth:`HypervisorDriver.set_event_callback`; callbacks run synchronously."""
+        self._event_cb = cb
+
+    def ignore_acpi(self, uuid: str, ignore: bool = True) -> None:
+        """Make the guest of ``uuid`` ignore (or again obey) ACPI shutdown requests."""
+        with self._lock:
+            if ignore:
+                self._ignores_acpi.add(uuid)
+            else:
+                self._ignores_acpi.discard(uuid)
+
+    def host_facts(self) -> HostFacts:
+        """See :meth:`HypervisorDriver.host_facts`."""
+        self._check_open()
+        return self._facts
+
+    def list_domains(self) -> list[DomainInfo]:
+        """See :meth:`HypervisorDriver.list_domains`."""
+        self._check_open()
+        with self._lock:
+            return list(self._domains.values())
+
+    def get_domain(self, uuid: str) -> DomainInfo:
+        """See :meth:`HypervisorDriver.get_domain`."""
+        with self._lock:
+            return self._get(uuid)
+
+    def define(self, spec: DomainSpec) -> DomainInfo:
+        """See :meth:`HypervisorDriver.define`."""
+        check_spec(spec)
+        with self._lock:
+            self._check_open()
+            existing = self._domains.get(spec.uuid)
+            if existing is not None:
+                return existing
+            for other in self._domains.values():
+                if other.name == spec.name:
+                    raise DomainExists(
+                        f"domain name {spec.name} is taken by domain {other.uuid}",
+                        details={"name": spec.name, "uuid": other.uuid})
+            info = DomainInfo(uuid=spec.uuid, name=spec.name, state=DomainState.STOPPED,
+                              memory_mib=spec.memory_mib, vcpus=spec.vcpus, owner=spec.owner,
+                              task_id=spec.task_id, mac=spec.mac)
+            self._domains[spec.uuid] = info
+        self._emit(info, "defined/added")
+        return info
+
+    def start(self, uuid: str) -> DomainInfo:
+        """See :meth:`HypervisorDriver.start`."""
+        with self._lock:
+            info = self._get(uuid)
+            if info.state is DomainState.RUNNING:
+                return info
+            if info.state not in _NOT_RUNNING:
+                raise invalid_state("start", uuid, info.name, info.state)
+            reason = ("started/restored" if info.state is DomainState.HIBERNATED
+                      else "started/booted")
+            info = self._set(info, DomainState.RUNNING)
+        self._emit(info, reason)
+        return info
+
+    def shutdown(self, uuid: str, timeout_s: float) -> DomainInfo:
+        """See :meth:`HypervisorDriver.shutdown`. A cooperating guest stops at once;
+        one set to :meth:`ignore_acpi` makes this raise TimedOut at once."""
+        with self._lock:
+            info = self._get(uuid)
+            if info.state in _NOT_RUNNING:
+                return info
+            if info.state not in (DomainState.RUNNING, DomainState.SHUTTING_DOWN):
+                raise invalid_state("shut down", uuid, info.name, info.state)
+            if uuid in self._ignores_acpi:
+                raise TimedOut(f"domain {info.name} did not shut down within {timeout_s:g} s",
+                               details={"uuid": uuid, "timeout_s": timeout_s})
+            info = self._set(info, DomainState.STOPPED)
+        self._emit(info, "stopped/shutdown")
+        return info
+
+    def reboot(self, uuid: str) -> DomainInfo:
+        """See :meth:`HypervisorDriver.reboot`."""
+        with self._lock:
+            info = self._get(uuid)
+            if info.state is not DomainState.RUNNING:
+                raise invalid_state("reboot", uuid, info.name, info.state)
+            return info
+
+    def power_off(self, uuid: str) -> DomainInfo:
+        """See :meth:`HypervisorDriver.power_off`."""
+        with self._lock:
+            info = self._get(uuid)
+            if info.state in _NOT_RUNNING:
+                return info
+            info = self._set(info, DomainState.STOPPED)
+        self._emit(info, "stopped/destroyed")
+        return info
+
+    def pause(self, uuid: str) -> DomainInfo:
+        """See :meth:`HypervisorDriver.pause`."""
+        with self._lock:
+            info = self._get(uuid)
+            if info.state is DomainState.PAUSED:
+                return info
+            if info.state is not DomainState.RUNNING:
+                raise invalid_state("pause", uuid, info.name, info.state)
+            info = self._set(info, DomainState.PAUSED)
+        self._emit(info, "suspended/paused")
+        return info
+
+    def resume(self, uuid: str) -> DomainInfo:
+        """See :meth:`HypervisorDriver.resume`."""
+        with self._lock:
+            info = self._get(uuid)
+            if info.state is DomainState.RUNNING:
+                return info
+            if info.state is not DomainState.PAUSED:
+                raise invalid_state("resume", uuid, info.name, info.state)
+            info = self._set(info, DomainState.RUNNING)
+        self._emit(info, "resumed/unpaused")
+        return info
+
+    def hibernate(self, uuid: str) -> DomainInfo:
+        """See :meth:`HypervisorDriver.hibernate`."""
+        with self._lock:
+            info = self._get(uuid)
+            if info.state is DomainState.HIBERNATED:
+                return info
+            if info.state not in (DomainState.RUNNING, DomainState.PAUSED):
+                raise invalid_state("hibernate", uuid, info.name, info.state)
+            if not self.capabilities.managed_save:
+                raise HypervisorError("the fake host cannot hibernate domains")
+            info = self._set(info, DomainState.HIBERNATED)
+        self._emit(info, "stopped/saved")
+        return info
+
+    def undefine(self, uuid: str) -> None:
+        """See :meth:`HypervisorDriver.undefine`."""
+        events: list[tuple[DomainInfo, str]] = []
+        with self._lock:
+            self._check_open()
+            info = self._domains.pop(uuid, None)
+            self._ignores_acpi.discard(uuid)
+            if info is None:
+                return
+            if info.state not in _NOT_RUNNING:
+                info = dataclasses.replace(info, state=DomainState.STOPPED)
+                events.append((info, "stopped/destroyed"))
+            events.append((dataclasses.replace(info, state=DomainState.STOPPED),
+                           "undefined/removed"))
+        for event_info, reason in events:
+            self._emit(event_info, reason)
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise NotConnected("fake driver is not open")
+
+    def _get(self, uuid: str) -> DomainInfo:
+        """The domain ``uuid``; the caller holds the lock."""
+        self._check_open()
+        try:
+            return self._domains[uuid]
+        except KeyError:
+            raise DomainNotFound(f"no domain with UUID {uuid}", details={"uuid": uuid}) from None
+
+    def _set(self, info: DomainInfo, state: DomainState) -> DomainInfo:
+        """Record ``info`` in ``state``; the caller holds the lock."""
+        info = dataclasses.replace(info, state=state)
+        self._domains[info.uuid] = info
+        return info
+
+    def _emit(self, info: DomainInfo, reason: str) -> None:
+        cb = self._event_cb
+        if cb is None:
+            return
+        try:
+            cb(DomainEvent(uuid=info.uuid, name=info.name, state=info.state, reason=reason))
+        except Exception:
+            # As with libvirt: a broken callback must not undo a finished change.
+            log.exception("domain event callback failed for %s %s", info.name, reason)
