@@ -103,15 +103,15 @@ class HostService:
         for uuid, dom in inventory.items():
             if uuid in seen:
                 continue
-            vm = self.reg.vms.get(uuid)
-            if vm is not None and (self.reg.holds.get(uuid) == host.name or vm.task):
+            placed = self.reg.vms.get(uuid)
+            if placed is not None and (self.reg.holds.get(uuid) == host.name or placed.task):
                 continue  # a move in progress
             host.foreign.append(dom.name)
             if dom.state in ("running", "paused"):
                 host.foreign_memory_mib += dom.memory_mib
-            if vm is not None:
+            if placed is not None:
                 log.warning("domain %s (%s) is on %s but usher placed it on %s; left alone",
-                            dom.name, uuid, host.name, vm.host)
+                            dom.name, uuid, host.name, placed.host)
             else:
                 log.info("foreign domain %s on %s: not usher's, left alone", dom.name,
                          host.name)

@@ -145,8 +145,9 @@ class ControllerServer:
                 raise BadFrame(f"expected hello, got {type(hello).__name__}")
             common = [v for v in hello.versions if v in frames.PROTOCOL_VERSIONS]
             if not common:
-                raise VersionMismatch(f"no common protocol version: client speaks "
-                                      f"{hello.versions}, controller {list(frames.PROTOCOL_VERSIONS)}")
+                ours = list(frames.PROTOCOL_VERSIONS)
+                raise VersionMismatch(f"no common protocol version: peer speaks "
+                                      f"{hello.versions}, controller {ours}")
             version = max(common)
             ssl_object = writer.get_extra_info("ssl_object")
             if hello.role == "client":

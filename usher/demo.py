@@ -1,0 +1,197 @@
+"""``usher demo``: a whole local site in the foreground, for trying usher out.
+
+It initialises a site in DIR (config, CA, SQLite database), adds a demo user
+with a generated password, starts the controller and N node managers on fake
+hosts of different sizes (libvirt test-driver host files in DIR), waits until
+every host has registered, then writes ``DIR/ush.config`` (mode 600: it holds
+the password) and ``DIR/demo.json`` and runs until SIGINT or SIGTERM, when it
+stops every process it started, by PID, and waits for each.
+
+Running it again on the same DIR keeps the site: the database, the users and
+the fake hosts with their domains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from usher.config import ControllerConfig, LnmConfig, UshConfig, load_toml, to_toml
+from usher.errors import Unavailable
+from usher.protocol import tls
+
+SITE = "usher.test"
+USER = "seuss"
+HOST_SIZES = [(4, 8192), (8, 16384), (16, 32768), (2, 4096)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run(argv: list[str], stdin: str | None = None) -> None:
+    proc = subprocess.run(argv, input=stdin, text=True, capture_output=True)
+    if proc.returncode != 0:
+        raise Unavailable(f"{' '.join(argv[2:4])} failed: {proc.stderr.strip()}")
+
+
+class Demo:
+    def __init__(self, directory: Path, lnms: int, port: int | None) -> None:
+        self.dir = directory.resolve()
+        self.lnms = lnms
+        self.port = port
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def setup(self) -> dict[str, object]:
+        d = self.dir
+        (d / "logs").mkdir(parents=True, exist_ok=True)
+        config = d / "controller.toml"
+        py = sys.executable
+        if not config.exists():
+            port = self.port or _free_port()
+            _run([py, "-m", "usher.controller.cli", "--config", str(config), "init",
+                  "--site", SITE, "--state-dir", str(d / "state"),
+                  "--listen", f"127.0.0.1:{port}"])
+            cfg = load_toml(ControllerConfig, config)
+            cfg.heartbeat_s, cfg.host_lost_after_s = 2.0, 6.0
+            config.write_text(to_toml(cfg))
+        cfg = load_toml(ControllerConfig, config)
+        secret = d / "state" / f"{USER}.password"
+        if not secret.exists():
+            password = secrets.token_urlsafe(12)
+            _run([py, "-m", "usher.controller.cli", "--config", str(config), "user", "add",
+                  USER], stdin=password + "\n")
+            secret.touch(mode=0o600)
+            secret.write_text(password + "\n")
+        password = secret.read_text().strip()
+        pki = tls.SitePki(ca_cert=Path(cfg.ca_cert), ca_key=Path(cfg.ca_key),
+                          controller_cert=Path(cfg.cert), controller_key=Path(cfg.key))
+        hosts = []
+        for i in range(1, self.lnms + 1):
+            name = f"vmm{i}.{SITE}"
+            hdir = d / "hosts" / name
+            hdir.mkdir(parents=True, exist_ok=True)
+            cert, key = hdir / "host.crt", hdir / "host.key"
+            if not cert.exists():
+                cert, key = tls.issue_host_cert_files(pki, name, hdir)
+            cpus, mem = HOST_SIZES[(i - 1) % len(HOST_SIZES)]
+            lcfg = LnmConfig(controller_host="127.0.0.1", controller_port=cfg.listen_port,
+                             controller_name="localhost", ca_cert=cfg.ca_cert, cert=str(cert),
+                             key=str(key), hostname=name, driver="libvirt",
+                             fake_host_file=str(hdir / "host.xml"), fake_cpus=cpus,
+                             fake_memory_mib=mem, backoff_max_s=5.0)
+            (hdir / "lnm.toml").write_text(to_toml(lcfg))
+            hosts.append({"name": name, "cpus": cpus, "memory_mib": mem,
+                          "uri": f"test://{hdir / 'host.xml'}", "config": str(hdir / "lnm.toml")})
+        ush = UshConfig(controller=f"localhost:{cfg.listen_port}", ca_cert=cfg.ca_cert,
+                        user=USER, password=password,
+                        history_file=str(d / "ush_history"))
+        ush_path = d / "ush.config"
+        ush_path.touch(mode=0o600)
+        os.chmod(ush_path, 0o600)
+        ush_path.write_text(to_toml(ush))
+        return {"site_domain": SITE, "user": USER, "user_domain": f"{USER}.{SITE}",
+                "password_file": str(secret), "ush_config": str(ush_path),
+                "controller": {"address": f"127.0.0.1:{cfg.listen_port}",
+                               "config": str(config), "database": cfg.database_url,
+                               "ca_cert": cfg.ca_cert},
+                "hosts": hosts, "services": {"controller": f"127.0.0.1:{cfg.listen_port}"}}
+
+    def start(self, info: dict[str, object]) -> None:
+        py = sys.executable
+        ctl = info["controller"]
+        assert isinstance(ctl, dict)
+        self._spawn([py, "-m", "usher.controller.cli", "--config", ctl["config"]],
+                    "controller.log")
+        host, port = ctl["address"].rsplit(":", 1)
+        _wait_port(host, int(port), 20.0, self.procs[0])
+        hosts = info["hosts"]
+        assert isinstance(hosts, list)
+        for h in hosts:
+            self._spawn([py, "-m", "usher.lnm.cli", "--config", h["config"]],
+                        f"lnm-{h['name'].split('.')[0]}.log")
+        deadline = time.monotonic() + 20.0
+        logs = [self.dir / "logs" / f"lnm-{h['name'].split('.')[0]}.log" for h in hosts]
+        while time.monotonic() < deadline:
+            if all(p.exists() and "registered" in p.read_text() for p in logs):
+                break
+            for p in self.procs:
+                if p.poll() is not None:
+                    raise Unavailable(f"a demo process exited early; see {self.dir / 'logs'}")
+            time.sleep(0.05)
+        else:
+            raise Unavailable(f"node managers did not register; see {self.dir / 'logs'}")
+        pids = {"controller": self.procs[0].pid,
+                "lnms": [p.pid for p in self.procs[1:]]}
+        info["pids"] = pids
+        tmp = self.dir / "demo.json.tmp"
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        tmp.replace(self.dir / "demo.json")
+
+    def _spawn(self, argv: list[str], log: str) -> None:
+        out = open(self.dir / "logs" / log, "ab")  # noqa: SIM115 - owned by the child
+        self.procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL))
+        out.close()
+
+    def stop(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.dir / "demo.json").unlink()
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise Unavailable("the controller exited at start; see its log")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
+            return
+        time.sleep(0.05)
+    raise Unavailable(f"controller did not listen on {host}:{port} within {timeout:g} s")
+
+
+def run_demo(directory: Path, lnms: int, port: int | None = None) -> int:
+    demo = Demo(directory, lnms, port)
+    stop = {"now": False}
+
+    def on_signal(_signo: int, _frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        info = demo.setup()
+        demo.start(info)
+        print(f"usher demo site {SITE} is up: {lnms} VMMs, user {USER}\n"
+              f"  USH_CONFIG={info['ush_config']} ush\n"
+              f"  details: {directory.resolve() / 'demo.json'}", flush=True)
+        while not stop["now"]:
+            for p in demo.procs:
+                if p.poll() is not None:
+                    print(f"usher demo: process {p.pid} exited ({p.returncode}); stopping",
+                          file=sys.stderr)
+                    stop["now"] = True
+            time.sleep(0.2)
+    finally:
+        demo.stop()
+    return 0

@@ -1,0 +1,236 @@
+"""The node manager's agent: one host's link to the controller.
+
+The agent dials the controller (the control plane needs no inbound port on
+hosts), presents its host certificate (or, once, a join token that the
+controller exchanges for one), registers the host's facts and its full domain
+inventory, then serves node calls and pushes domain lifecycle events. When the
+link drops it reconnects with exponential backoff and full jitter, leaving
+every VM untouched meanwhile: the inventory sent on the next register tells
+the controller what happened.
+
+Driver calls are blocking libvirt calls; they run in one worker thread, each
+under ``call_timeout_s``, so a wedged hypervisor stalls neither heartbeats nor
+the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from usher.config import LnmConfig
+from usher.errors import AuthenticationFailed, PermissionDenied, TimedOut, UsherError
+from usher.lnm.drivers.base import DomainEvent, DomainInfo, DomainSpec, HypervisorDriver
+from usher.protocol import frames, tls
+from usher.protocol.connection import Connection, dial
+from usher.protocol.frames import Hello
+from usher.protocol.ops import (
+    ActionArgs,
+    DefineArgs,
+    DomainEventMsg,
+    DomainMsg,
+    Empty,
+    HostFactsMsg,
+    Inventory,
+    Op,
+    RegisterArgs,
+    UuidArgs,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SOFTWARE = "usher-lnm/0.1"
+
+
+def domain_msg(d: DomainInfo) -> DomainMsg:
+    return DomainMsg(uuid=d.uuid, name=d.name, state=str(d.state), memory_mib=d.memory_mib,
+                     vcpus=d.vcpus, owner=d.owner, task_id=d.task_id, mac=d.mac)
+
+
+class Backoff:
+    """Exponential backoff with full jitter: delay n is uniform in (0, min(cap, base*2^n)]."""
+
+    def __init__(self, base: float, cap: float, rng: random.Random | None = None) -> None:
+        self.base, self.cap = base, cap
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        ceiling = min(self.cap, self.base * (2 ** self.attempt))
+        self.attempt = min(self.attempt + 1, 32)
+        return self._rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class NodeAgent:
+    """Connects one host to the controller; ``await run(stop)`` until ``stop`` is set."""
+
+    def __init__(self, config: LnmConfig, driver: HypervisorDriver) -> None:
+        self.config = config
+        self.driver = driver
+        self.hostname = config.hostname or socket.getfqdn()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usher-hv")
+        self._conn: Connection | None = None
+        self.registered = asyncio.Event()
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self._pool, fn, *args),
+                                          self.config.call_timeout_s)
+        except TimeoutError:
+            raise TimedOut(f"hypervisor call {fn.__name__} took longer than "
+                           f"{self.config.call_timeout_s:g} s") from None
+
+    # ============================================================ lifecycle
+    async def run(self, stop: asyncio.Event) -> None:
+        await self._call(self.driver.open)
+        self.driver.set_event_callback(self._on_event)
+        backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+        try:
+            while not stop.is_set():
+                try:
+                    conn = await self._connect()
+                except AuthenticationFailed as exc:
+                    log.error("controller refused this host: %s", exc.message)
+                    raise
+                except UsherError as exc:
+                    delay = backoff.next()
+                    log.warning("cannot reach controller (%s); retrying in %.1f s",
+                                exc.message, delay)
+                    await _sleep_or_stop(stop, delay)
+                    continue
+                backoff.reset()
+                self._conn = conn
+                closed = asyncio.create_task(conn.wait_closed())
+                stopping = asyncio.create_task(stop.wait())
+                await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                closed.cancel()
+                self.registered.clear()
+                self._conn = None
+                if stop.is_set():
+                    await conn.close("node manager stopping")
+                    break
+                delay = backoff.next()
+                log.warning("lost the controller (%s); VMs keep running; reconnecting in "
+                            "%.1f s", conn.close_reason, delay)
+                await _sleep_or_stop(stop, delay)
+        finally:
+            self.driver.set_event_callback(None)
+            await self._call(self.driver.close)
+            self._pool.shutdown(wait=False)
+
+    def _tls(self) -> tuple[Any, str | None]:
+        cfg = self.config
+        if Path(cfg.cert).exists() and Path(cfg.key).exists():
+            return tls.client_context(cfg.ca_cert, cert_file=cfg.cert, key_file=cfg.key), None
+        token_file = Path(cfg.join_token_file) if cfg.join_token_file else None
+        if token_file is None or not token_file.exists():
+            raise AuthenticationFailed(f"no host certificate at {cfg.cert} and no join token; "
+                                       f"run 'usher-controller join-token {self.hostname}' "
+                                       f"and set join_token_file")
+        return tls.client_context(cfg.ca_cert), token_file.read_text().strip()
+
+    async def _connect(self) -> Connection:
+        cfg = self.config
+        context, token = self._tls()
+        hello = Hello(versions=list(frames.PROTOCOL_VERSIONS), role="node", software=SOFTWARE,
+                      hostname=self.hostname, join_token=token)
+        reader, writer, welcome = await dial(cfg.controller_host, cfg.controller_port, context,
+                                             hello, server_hostname=cfg.controller_name)
+        try:
+            tls.require_role(writer.get_extra_info("ssl_object"), "controller")
+        except PermissionDenied:
+            writer.close()
+            raise
+        if token is not None:
+            if not (welcome.host_cert_pem and welcome.host_key_pem):
+                writer.close()
+                raise AuthenticationFailed("controller accepted the join token but sent "
+                                           "no certificate")
+            self._store_cert(welcome.host_cert_pem, welcome.host_key_pem)
+        conn = Connection(reader, writer, peer_role="controller",
+                          peer_name=f"controller {cfg.controller_host}:{cfg.controller_port}",
+                          heartbeat_s=welcome.heartbeat_s, handler=self._handle)
+        conn.start()
+        domains = await self._call(self.driver.list_domains)
+        facts = await self._call(self.driver.host_facts)
+        caps = self.driver.capabilities
+        await conn.request("node.register", RegisterArgs(
+            facts=HostFactsMsg(hostname=self.hostname, cpus=facts.cpus,
+                               memory_mib=facts.memory_mib, hypervisor=facts.hypervisor,
+                               live_migration=caps.live_migration,
+                               managed_save=caps.managed_save),
+            domains=[domain_msg(d) for d in domains]))
+        self.registered.set()
+        log.info("registered %s with %d domains", self.hostname, len(domains))
+        return conn
+
+    def _store_cert(self, cert_pem: str, key_pem: str) -> None:
+        cfg = self.config
+        Path(cfg.cert).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(cfg.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key_pem)
+        Path(cfg.cert).write_text(cert_pem)
+        if cfg.join_token_file:
+            Path(cfg.join_token_file).unlink(missing_ok=True)
+        log.info("joined the site; host certificate stored in %s", cfg.cert)
+
+    # ============================================================== serving
+    async def _handle(self, conn: Connection, op: Op, args: Any, rid: str) -> Any:
+        d = self.driver
+        if op.name == "node.define":
+            assert isinstance(args, DefineArgs)
+            s = args.spec
+            spec = DomainSpec(uuid=s.uuid, name=s.name, memory_mib=s.memory_mib,
+                              vcpus=s.vcpus, mac=s.mac, owner=s.owner, task_id=s.task_id)
+            info = await self._call(d.define, spec)
+            if args.start:
+                info = await self._call(d.start, spec.uuid)
+            return domain_msg(info)
+        if op.name == "node.action":
+            assert isinstance(args, ActionArgs)
+            return domain_msg(await self._action(args))
+        if op.name == "node.undefine":
+            assert isinstance(args, UuidArgs)
+            await self._call(d.undefine, args.uuid)
+            return Empty()
+        if op.name == "node.inventory":
+            return Inventory(domains=[domain_msg(x) for x in await self._call(d.list_domains)])
+        raise PermissionDenied(f"operation {op.name} is not served by a node")
+
+    async def _action(self, args: ActionArgs) -> DomainInfo:
+        d, uuid = self.driver, args.uuid
+        if args.action == "shutdown":
+            return await self._call(d.shutdown, uuid, args.timeout_s)
+        if args.action == "cycle":
+            await self._call(d.power_off, uuid)
+            return await self._call(d.start, uuid)
+        method = {"start": d.start, "reboot": d.reboot, "power_off": d.power_off,
+                  "pause": d.pause, "resume": d.resume, "hibernate": d.hibernate}[args.action]
+        return await self._call(method, uuid)
+
+    def _on_event(self, ev: DomainEvent) -> None:
+        conn = self._conn
+        if conn is not None and self.registered.is_set():
+            conn.push("domain", DomainEventMsg(uuid=ev.uuid, name=ev.name, state=str(ev.state),
+                                               reason=ev.reason))
+
+
+async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), delay)
+    except TimeoutError:
+        pass

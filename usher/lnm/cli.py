@@ -1,0 +1,101 @@
+"""``usher-lnm``: the node manager daemon of one host.
+
+::
+
+    usher-lnm [--config PATH] [--hostname NAME]
+    usher-lnm --config PATH --fake-host --cpus N --memory MiB [--fake-host-file PATH]
+
+With ``--fake-host`` the host is a libvirt test-driver host of the given
+size, kept in a host file that records its domains and their run states, so a
+restarted node manager finds what its host still runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from usher.config import DEFAULT_LNM_CONFIG, LnmConfig, load_toml
+from usher.errors import UsherError
+from usher.lnm.agent import NodeAgent
+from usher.lnm.drivers import make_driver
+from usher.lnm.drivers.base import HypervisorDriver
+from usher.names import validate_domain
+
+
+def build_driver(cfg: LnmConfig, hostname: str) -> HypervisorDriver:
+    if cfg.driver == "libvirt" and cfg.fake_host_file:
+        from usher.lnm.fakehost import FakeHost
+
+        fake = FakeHost.create(Path(cfg.fake_host_file).resolve(), hostname=hostname,
+                               cpus=cfg.fake_cpus, memory_mib=cfg.fake_memory_mib)
+        return make_driver("libvirt", uri=fake.uri, fake_host=fake)
+    if cfg.driver == "fake":
+        return make_driver("fake", hostname=hostname, cpus=cfg.fake_cpus,
+                           memory_mib=cfg.fake_memory_mib)
+    return make_driver(cfg.driver, uri=cfg.uri)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="usher-lnm", description="usher node manager of one host")
+    p.add_argument("--config", default=str(DEFAULT_LNM_CONFIG),
+                   help="node manager config (default: %(default)s)")
+    p.add_argument("--hostname", help="host name to register as")
+    p.add_argument("--fake-host", action="store_true",
+                   help="drive a libvirt test-driver host of --cpus and --memory")
+    p.add_argument("--cpus", type=int, help="fake host: cpus")
+    p.add_argument("--memory", type=int, help="fake host: memory in MiB")
+    p.add_argument("--fake-host-file", help="fake host: its host file")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_toml(LnmConfig, Path(args.config))
+        changes: dict[str, object] = {}
+        if args.hostname:
+            changes["hostname"] = validate_domain(args.hostname)
+        if args.fake_host:
+            changes["driver"] = "libvirt"
+            changes["fake_host_file"] = args.fake_host_file or cfg.fake_host_file or str(
+                Path(args.config).resolve().parent / "host.xml")
+            if args.cpus:
+                changes["fake_cpus"] = args.cpus
+            if args.memory:
+                changes["fake_memory_mib"] = args.memory
+        cfg = dataclasses.replace(cfg, **changes)  # type: ignore[arg-type]
+        asyncio.run(_run(cfg))
+    except UsherError as exc:
+        print(f"usher-lnm: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def _run(cfg: LnmConfig) -> None:
+    import libvirtaio
+
+    # libvirt delivers domain events through the asyncio loop; once per process.
+    libvirtaio.virEventRegisterAsyncIOImpl()
+    agent = NodeAgent(cfg, build_driver(cfg, cfg.hostname or "localhost"))
+    if not cfg.hostname:
+        agent.hostname = validate_domain(agent.hostname)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.run(stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
