@@ -1,0 +1,50 @@
+"""The DB thread: schema check, group commit with per-job savepoints."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, text
+
+from usher.controller import db as dbmod
+from usher.controller.models import User
+from usher.errors import SchemaOutdated
+
+
+def _user(name: str) -> User:
+    return User(name=name, password_hash="x", site_admin=False, usher=True, created=time.time())
+
+
+def test_schema_check_refuses_old_schema(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'u.db'}"
+    engine = dbmod.make_engine(url)
+    with pytest.raises(SchemaOutdated, match="usher-controller db upgrade"):
+        dbmod.check_schema(engine)
+    dbmod.upgrade(url)
+    dbmod.check_schema(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+async def test_group_commit_isolates_failing_jobs(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'u.db'}"
+    dbmod.upgrade(url)
+    db = dbmod.Database(dbmod.make_engine(url))
+    try:
+        await db.run(lambda s: s.add(_user("dup")))
+
+        def bad(s):  # type: ignore[no-untyped-def]
+            s.add(_user("dup"))
+            s.flush()
+
+        results = await asyncio.gather(
+            *[db.run(lambda s, i=i: s.add(_user(f"u{i}"))) for i in range(50)],
+            db.run(bad), return_exceptions=True)
+        assert sum(isinstance(r, Exception) for r in results) == 1
+        count = await db.run(lambda s: s.scalar(select(func.count()).select_from(User)))
+        assert count == 51
+    finally:
+        db.close()
