@@ -57,6 +57,7 @@ class ControllerConfig:
     default_vcpus: int = _f(1, "vcpus of a new VM without --vcpus")
     max_ram_mib: int = _f(65536, "largest --ram a user may ask for")
     max_vcpus: int = _f(16, "largest --vcpus a user may ask for")
+    reconcile_interval_s: float = _f(60.0, "compare every host's inventory this often")
     task_deadline_s: float = _f(300.0, "a task not finished by then ends in error")
     shutdown_timeout_s: float = _f(60.0, "graceful shutdown waits this long for the guest")
     batch_cap: int = _f(1000, "most VM names one command may expand to")

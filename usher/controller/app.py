@@ -44,6 +44,7 @@ class Controller:
         self.config = config
         self.address: tuple[str, int] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._reconciler: asyncio.Task[None] | None = None
 
     async def start(self) -> tuple[str, int]:
         cfg = self.config
@@ -72,6 +73,7 @@ class Controller:
             self.hosts._lost_timers[host.name] = loop.call_later(
                 cfg.host_lost_after_s, self.hosts._lose, host.name)
         self._sweeper = asyncio.create_task(self._sweep_deadlines())
+        self._reconciler = asyncio.create_task(self._reconcile_periodically())
         ctx.fire("ctrl_start", subject=cfg.site_domain)
         log.info("controller for %s listening on %s:%d (%d VMs, %d hosts, %d open tasks)",
                  cfg.site_domain, *self.address, len(reg.vms), len(reg.hosts),
@@ -115,6 +117,14 @@ class Controller:
                 if task.active and task.deadline < now and not self.vms.running(task.id):
                     self.vms.settle(task, None)
 
+    async def _reconcile_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reconcile_interval_s)
+            try:
+                await self.hosts.reconcile_all()
+            except Exception:
+                log.exception("periodic reconciliation failed")
+
     def _issue_host_cert(self, hostname: str) -> tuple[str, str]:
         cert, key = tls.issue_cert(Path(self.config.ca_cert).read_bytes(),
                                    Path(self.config.ca_key).read_bytes(),
@@ -122,8 +132,9 @@ class Controller:
         return cert.decode(), key.decode()
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._reconciler):
+            if task is not None:
+                task.cancel()
         await self.server.stop()
         await self.vms.stop()
         await self.ctx.bus.drain(2.0)

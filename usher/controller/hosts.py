@@ -27,10 +27,18 @@ from usher.controller.context import Context
 from usher.controller.models import Host, Transition
 from usher.controller.service import VmService
 from usher.controller.state import HostRec, VmRec
-from usher.errors import Conflict, HostNotFound, InvalidRequest
+from usher.errors import Conflict, HostNotFound, InvalidRequest, UsherError
 from usher.names import validate_domain
 from usher.protocol.connection import Connection
-from usher.protocol.ops import DomainEventMsg, DomainMsg, HostInfo, RegisterArgs, RegisterReply
+from usher.protocol.ops import (
+    DomainEventMsg,
+    DomainMsg,
+    Empty,
+    HostInfo,
+    Inventory,
+    RegisterArgs,
+    RegisterReply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +90,32 @@ class HostService:
                 self.vms.settle(task, inventory)
         return RegisterReply(host=name, heartbeat_s=self.ctx.config.heartbeat_s)
 
-    def _reconcile(self, host: HostRec, inventory: dict[str, DomainMsg]) -> None:
+    async def reconcile_all(self) -> None:
+        """Compare every connected host's inventory with the journal (periodic)."""
+        for name, host in list(self.reg.hosts.items()):
+            if not self.ctx.nodes.connected(name):
+                continue
+            asked = time.time()
+            try:
+                inv: Inventory = await self.ctx.nodes.call(name, "node.inventory", Empty())
+            except UsherError as exc:
+                log.warning("periodic inventory of %s failed: %s", name, exc.message)
+                continue
+            if self.reg.hosts.get(name) is host:
+                self._reconcile(host, {d.uuid: d for d in inv.domains}, before=asked)
+
+    def _reconcile(self, host: HostRec, inventory: dict[str, DomainMsg],
+                   before: float | None = None) -> None:
+        """Bring VMs in line with ``inventory``; with ``before``, only VMs whose
+        state is older than the inventory (newer changes are not in it)."""
         rows: list[Transition] = []
         now = time.time()
         seen: set[str] = set()
         for vm in self.reg.vms_on(host.name):
             dom = inventory.get(vm.uuid)
             seen.add(vm.uuid)
-            if vm.task is not None:
-                continue  # its task settles it
+            if vm.task is not None or (before is not None and vm.since >= before):
+                continue  # its task settles it, or it changed after the snapshot
             if dom is None:
                 if vm.state not in ("stopped", "pending"):
                     rows.append(self._change(vm, "stopped", f"reconciled: no domain on "
