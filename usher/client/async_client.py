@@ -172,6 +172,7 @@ class AsyncClient:
         self._reconnect_task: asyncio.Task[None] | None = None
         self._known: OrderedDict[str, TaskInfo] = OrderedDict()
         self._waiters: dict[str, list[asyncio.Future[TaskInfo]]] = {}
+        self._reapers: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ properties
     @property
@@ -244,6 +245,8 @@ class AsyncClient:
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.close("client closed")
+        if self._reapers:
+            await asyncio.gather(*self._reapers, return_exceptions=True)
         err = NotConnected("the client was closed")
         for futures in self._waiters.values():
             for fut in futures:
@@ -300,6 +303,11 @@ class AsyncClient:
         if conn is not self._conn or self._closing:
             return
         self._conn = None
+        # A connection closed by its peer leaves its heartbeat task sleeping;
+        # closing it from our side too ends that task now.
+        reaper = asyncio.get_running_loop().create_task(conn.close("closed by peer"))
+        self._reapers.add(reaper)
+        reaper.add_done_callback(self._reapers.discard)
         reason = conn.close_reason or "connection closed"
         self._emit("disconnected", reason)
         if not self._auto_reconnect:

@@ -139,6 +139,16 @@ class Client:
     def reconnect(self) -> WhoAmI:
         return self._run(self._aio.reconnect())
 
+    async def _close_all(self) -> None:
+        await self._aio.close()
+        # Whatever still runs on this loop (a call abandoned by Ctrl-C, say)
+        # ends here rather than being destroyed with the loop.
+        current = asyncio.current_task()
+        rest = [t for t in asyncio.all_tasks() if t is not current]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+
     def close(self) -> None:
         """Close the session and stop the loop thread; idempotent."""
         if self._closed:
@@ -146,7 +156,7 @@ class Client:
         try:
             # Closing must not fail: a peer that is already gone is closed enough.
             with contextlib.suppress(Exception):
-                self._run(self._aio.close(), timeout=5.0)
+                self._run(self._close_all(), timeout=5.0)
         finally:
             self._closed = True
             self._loop.call_soon_threadsafe(self._loop.stop)

@@ -1,6 +1,6 @@
 """Seam tests of the client's connection handling against a real TLS server.
 
-The server is the loopback :class:`FakeController` of ``conftest.py``: real
+The server is the loopback :class:`FakeController` of ``fake_controller.py``: real
 sockets, real TLS with site-CA certificates, the real frames and Connection.
 What is tested is the client's own logic: resending an interrupted mutation
 under the same request id, replaying completions missed while disconnected,
@@ -24,7 +24,7 @@ from usher.errors import AuthenticationFailed, NotConnected, PermissionDenied
 from usher.protocol.connection import Connection
 from usher.protocol.ops import Accepted, VmStateMsg
 
-from .conftest import PASSWORD, USER, FakeController, Pki
+from .fake_controller import PASSWORD, USER, FakeController, Pki
 
 pytestmark = pytest.mark.timeout(30)
 
