@@ -61,7 +61,9 @@ class ControllerConfig:
     task_deadline_s: float = _f(300.0, "a task not finished by then ends in error")
     shutdown_timeout_s: float = _f(60.0, "graceful shutdown waits this long for the guest")
     batch_cap: int = _f(1000, "most VM names one command may expand to")
-    login_max_failures: int = _f(5, "failed logins per user or address in the window")
+    login_max_failures: int = _f(5, "failed logins per user name in the window")
+    login_max_failures_per_address: int = _f(20, "failed logins per client address in the "
+                                              "window (higher: many users share NATs)")
     login_window_s: float = _f(60.0, "window of the login failure limit")
     join_token_ttl_s: float = _f(3600.0, "lifetime of a one-time host join token")
     plugins: list[str] = _f(["audit"], "plugins to load, by name")

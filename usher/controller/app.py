@@ -63,7 +63,8 @@ class Controller:
         await db.run(self.vms.load_replies)
         loaded = load_plugins(ctx.bus, cfg, ctx)
         log.info("plugins: %s", ", ".join(loaded) or "none")
-        users = UserStore(db, LoginLimiter(cfg.login_max_failures, cfg.login_window_s))
+        users = UserStore(db, LoginLimiter(cfg.login_max_failures, cfg.login_window_s,
+                                              max_per_address=cfg.login_max_failures_per_address))
         ssl_context = tls.server_context(cfg.cert, cfg.key, cfg.ca_cert)
         self.server = ControllerServer(ctx, users, self.vms, self.hosts, ssl_context,
                                        self._issue_host_cert)

@@ -60,8 +60,10 @@ class LoginLimiter:
     """Sliding-window limit of failed logins per key (user name, address)."""
 
     def __init__(self, max_failures: int, window_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 max_per_address: int | None = None) -> None:
         self.max_failures = max_failures
+        self.max_per_address = max_per_address or max_failures
         self.window_s = window_s
         self._clock = clock
         self._failures: dict[str, collections.deque[float]] = {}
@@ -81,7 +83,8 @@ class LoginLimiter:
         """Raise :class:`RateLimited` if any key is over its limit."""
         for key in keys:
             q = self._recent(key)
-            if len(q) >= self.max_failures:
+            limit = self.max_per_address if key.startswith("addr:") else self.max_failures
+            if len(q) >= limit:
                 wait = self.window_s - (self._clock() - q[0])
                 raise RateLimited(f"too many failed logins; try again in {max(wait, 1):.0f} s")
 

@@ -47,3 +47,13 @@ def test_success_clears_user_failures_not_address() -> None:
     lim.check("user:a")
     with pytest.raises(RateLimited):
         lim.check("addr:1")
+
+
+def test_address_limit_is_separate() -> None:
+    lim = LoginLimiter(2, 60.0, Clock(), max_per_address=4)
+    for user in "abcd":
+        lim.check(f"user:{user}", "addr:1")
+        lim.failed(f"user:{user}", "addr:1")
+    with pytest.raises(RateLimited):
+        lim.check("user:e", "addr:1")
+    lim.check("user:e", "addr:2")
