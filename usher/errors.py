@@ -149,18 +149,26 @@ class NotFound(UsherError):
 
 
 class VmNotFound(NotFound):
+    """No VM of that name (that the caller may see)."""
+
     code = "vm_not_found"
 
 
 class HostNotFound(NotFound):
+    """No host (VMM) of that name."""
+
     code = "host_not_found"
 
 
 class TaskNotFound(NotFound):
+    """No task with that id (that the caller may see)."""
+
     code = "task_not_found"
 
 
 class UserNotFound(NotFound):
+    """No user of that name."""
+
     code = "user_not_found"
 
 
@@ -178,6 +186,8 @@ class InvalidState(Conflict):
 
 
 class AlreadyExists(Conflict):
+    """Something of that name exists already."""
+
     code = "already_exists"
 
 
@@ -189,10 +199,14 @@ class PermissionDenied(UsherError):
 
 
 class AuthenticationFailed(PermissionDenied):
+    """Wrong user name or password, or an unacceptable credential."""
+
     code = "auth_failed"
 
 
 class RateLimited(PermissionDenied):
+    """Too many failed logins; retry after the window."""
+
     code = "rate_limited"
 
 
@@ -210,14 +224,20 @@ class NoCapacity(Unavailable):
 
 
 class HostUnavailable(Unavailable):
+    """The host is not connected, disabled or lost."""
+
     code = "host_unavailable"
 
 
 class NotConnected(Unavailable):
+    """The client has no connection to the controller."""
+
     code = "not_connected"
 
 
 class TimedOut(Unavailable):
+    """An operation did not finish within its time limit."""
+
     code = "timeout"
 
 
@@ -229,14 +249,20 @@ class HypervisorError(UsherError):
 
 
 class DomainNotFound(HypervisorError):
+    """The hypervisor has no domain with that UUID."""
+
     code = "domain_not_found"
 
 
 class DomainExists(HypervisorError):
+    """The hypervisor has another domain of that name."""
+
     code = "domain_exists"
 
 
 class DirectoryError(UsherError):
+    """The directory (LDAP) refused or failed an operation."""
+
     code = "directory"
     exit_code = 8
 
@@ -249,14 +275,20 @@ class ProtocolError(UsherError):
 
 
 class FrameTooLarge(ProtocolError):
+    """A frame is larger than the limit in force."""
+
     code = "frame_too_large"
 
 
 class BadFrame(ProtocolError):
+    """A frame is not valid MessagePack or does not match its schema."""
+
     code = "bad_frame"
 
 
 class VersionMismatch(ProtocolError):
+    """The peers share no protocol version."""
+
     code = "version_mismatch"
 
 
@@ -267,9 +299,13 @@ class ConnectionClosed(ProtocolError):
 
 
 class ConfigError(UsherError):
+    """A configuration file or setting is missing or invalid."""
+
     code = "config"
     exit_code = 10
 
 
 class SchemaOutdated(ConfigError):
+    """The database schema is older than this build; run db upgrade."""
+
     code = "schema_outdated"

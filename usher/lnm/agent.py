@@ -81,6 +81,7 @@ class NodeAgent:
         self.hostname = config.hostname or socket.getfqdn()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usher-hv")
         self._conn: Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.registered = asyncio.Event()
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -94,6 +95,7 @@ class NodeAgent:
 
     # ============================================================ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
         await self._call(self.driver.open)
         self.driver.set_event_callback(self._on_event)
         backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
@@ -223,6 +225,13 @@ class NodeAgent:
         return await self._call(method, uuid)
 
     def _on_event(self, ev: DomainEvent) -> None:
+        # Drivers may call back from their own threads (the fake driver fires
+        # from the worker thread): the connection belongs to the loop thread.
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._push_event, ev)
+
+    def _push_event(self, ev: DomainEvent) -> None:
         conn = self._conn
         if conn is not None and self.registered.is_set():
             conn.push("domain", DomainEventMsg(uuid=ev.uuid, name=ev.name, state=str(ev.state),

@@ -36,7 +36,7 @@ from usher.errors import (
     UsherError,
     VersionMismatch,
 )
-from usher.protocol import frames
+from usher.protocol import frames, tls
 from usher.protocol.frames import (
     Bye,
     ErrorBody,
@@ -80,7 +80,8 @@ class Connection:
 
     ``peer_role`` is the role of the far end (``client``, ``node`` or
     ``controller``); only operations whose declared caller is that role are
-    accepted from it, everything else is refused as data.
+    accepted from it, everything else is refused as data. Create it on the
+    event loop that owns the stream.
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class Connection:
         on_close: Callable[[Connection], None] | None = None,
         max_frame: int = frames.MAX_FRAME,
     ) -> None:
+        self._loop = asyncio.get_running_loop()
         self._reader = reader
         self._writer = writer
         self.peer_role = peer_role
@@ -180,9 +182,26 @@ class Connection:
         self._writer.write(frames.pack(message))
 
     def push(self, topic: str, body: Any) -> bool:
-        """Send a push; returns False (and drops it) if the connection is closed."""
+        """Send a push; returns False (and drops it) if the connection is closed.
+
+        Safe to call from any thread (hypervisor drivers deliver events on
+        their own): off the event loop the push is handed to the loop, since
+        asyncio transports are not thread-safe and a write from another thread
+        corrupts the TLS stream. It is then dropped there if the connection
+        has closed meanwhile.
+        """
         if self.closed:
             return False
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if not on_loop:
+            try:
+                self._loop.call_soon_threadsafe(self.push, topic, body)
+            except RuntimeError:  # the loop is closed
+                return False
+            return True
         try:
             self._send(Push(topic=topic, body=msgspec.Raw(frames.encode(body))))
         except ConnectionClosed:
@@ -207,11 +226,17 @@ class Connection:
         self._pending[rid] = fut
         try:
             self._send(Request(id=rid, op=op_name, args=msgspec.Raw(frames.encode(args))))
-            if self._writer.transport.get_write_buffer_size() > 256 * 1024:
-                await self._writer.drain()
             wait = op.timeout_s if timeout is None else timeout
             try:
-                reply: Reply = await asyncio.wait_for(fut, wait)
+                # The timeout covers the drain too: a peer that stops reading
+                # must not hold the caller past it.
+                async with asyncio.timeout(wait):
+                    if self._writer.transport.get_write_buffer_size() > 256 * 1024:
+                        # A lost connection fails the drain; the reader sees the same
+                        # loss and fails ``fut`` with ConnectionClosed, raised below.
+                        with contextlib.suppress(OSError):
+                            await self._writer.drain()
+                    reply: Reply = await fut
             except TimeoutError:
                 raise TimedOut(f"{op_name} on {self.peer_name} got no answer "
                                f"within {wait:g} s") from None
@@ -330,7 +355,9 @@ async def dial(
     Raises the controller's refusal as an :class:`UsherError` (a wrong
     password is :class:`AuthenticationFailed`), :class:`TimedOut` when no
     answer arrives in ``timeout``, and :class:`ConnectionClosed` on a drop.
-    The caller checks the server certificate's role.
+    Raises :class:`PermissionDenied` when TLS verification fails or the server's
+    certificate is not a *controller* certificate; that is checked before the
+    hello, which may carry a password or a join token, is sent.
     """
     try:
         reader, writer = await asyncio.wait_for(
@@ -345,6 +372,13 @@ async def dial(
     except OSError as exc:
         raise ConnectionClosed(f"cannot connect to {host}:{port}: {exc.strerror or exc}",
                                details={"by_peer": True}) from None
+    # A host certificate passes the chain and host name checks too: a host posing
+    # as the controller must be turned away before it sees the credentials.
+    try:
+        tls.require_role(writer.get_extra_info("ssl_object"), "controller")
+    except UsherError:
+        writer.close()
+        raise
     try:
         writer.write(frames.pack(hello))
         answer = await asyncio.wait_for(frames.read_frame(reader, frames.MAX_FRAME), timeout)
@@ -352,6 +386,10 @@ async def dial(
         writer.close()
         raise TimedOut(f"controller at {host}:{port} did not answer hello "
                        f"within {timeout:g} s") from None
+    except OSError as exc:  # a reset or TLS alert mid-hello (ssl.SSLError is an OSError)
+        writer.close()
+        raise ConnectionClosed(f"connection to {host}:{port} broke during hello: {exc}",
+                               details={"by_peer": True}) from None
     except BaseException:
         writer.close()
         raise
