@@ -213,21 +213,19 @@ class HostService:
         return host
 
     async def disable(self, name: str) -> HostInfo:
-        host = self._host(name)
-        host.disabled = True
-        if host.state == "up":
-            host.state = "disabled"
-        await self.ctx.db.run(_save_host(host))
-        self.ctx.fire("host_disable", subject=host.name)
-        return host.info()
+        return await self._set_disabled(name, True)
 
     async def enable(self, name: str) -> HostInfo:
+        return await self._set_disabled(name, False)
+
+    async def _set_disabled(self, name: str, disabled: bool) -> HostInfo:
+        """A disabled host takes no new VMs; a lost host stays lost until it returns."""
         host = self._host(name)
-        host.disabled = False
-        if host.state == "disabled":
-            host.state = "up"
+        host.disabled = disabled
+        if host.state in ("up", "disabled"):
+            host.state = "disabled" if disabled else "up"
         await self.ctx.db.run(_save_host(host))
-        self.ctx.fire("host_enable", subject=host.name)
+        self.ctx.fire("host_disable" if disabled else "host_enable", subject=host.name)
         return host.info()
 
     async def remove(self, name: str) -> HostInfo:

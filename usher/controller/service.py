@@ -264,11 +264,8 @@ class VmService:
         if options.vcpus is not None and not 1 <= options.vcpus <= cfg.max_vcpus:
             raise InvalidOption(f"--vcpus {options.vcpus} is out of range; "
                                 f"give 1 to {cfg.max_vcpus}")
-        if options.vmm is not None:
-            if options.vmm not in self.reg.hosts:
-                raise InvalidOption(f"no VMM named {options.vmm}; see 'vmm_list'")
-            if not identity.site_admin and False:  # any user may pin a host
-                raise PermissionDenied("only the site admin may choose a VMM")
+        if options.vmm is not None and options.vmm not in self.reg.hosts:
+            raise InvalidOption(f"no VMM named {options.vmm}; see 'vmm_list'")
         return options
 
     async def _policy(self, identity: Identity, op: str, names: list[VmName],
@@ -344,11 +341,7 @@ class VmService:
                 tasks.append(task)
                 fresh.append(task)
         except BaseException:
-            for vm in new_vms:
-                self.ctx.providers.release(vm)
-                self.reg.remove_vm(vm)
-            for task in fresh:
-                self._forget_task(task)
+            self._undo(fresh, new_vms, [])
             raise
         return await self._journal_and_dispatch(identity, "start", request_id, tasks, fresh,
                                                 new_vms=new_vms)
@@ -399,10 +392,7 @@ class VmService:
                     task.target = chosen.name
                     task.step = "was_" + vm.state
         except BaseException:
-            for vm, target in held:
-                self.reg.unhold(target, vm)
-            for task in tasks:
-                self._forget_task(task)
+            self._undo(tasks, [], held)
             raise
         return await self._journal_and_dispatch(identity, op, request_id, tasks, tasks,
                                                 held=held)
@@ -425,6 +415,17 @@ class VmService:
                        finished=now)
         self.reg.add_task(task)
         return task
+
+    def _undo(self, fresh: list[TaskRec], new_vms: list[VmRec],
+              held: list[tuple[VmRec, str]]) -> None:
+        """Take back a decision that was not journaled: nothing of it remains."""
+        for vm, target in held:
+            self.reg.unhold(target, vm)
+        for vm in new_vms:
+            self.ctx.providers.release(vm)
+            self.reg.remove_vm(vm)
+        for task in fresh:
+            self._forget_task(task)
 
     def _forget_task(self, task: TaskRec) -> None:
         self.reg.tasks.pop(task.id, None)
@@ -463,13 +464,7 @@ class VmService:
         try:
             await self.ctx.db.run(write)
         except BaseException:
-            for vm, target in held:
-                self.reg.unhold(target, vm)
-            for vm in new_vms:
-                self.ctx.providers.release(vm)
-                self.reg.remove_vm(vm)
-            for task in fresh:
-                self._forget_task(task)
+            self._undo(fresh, new_vms, held)
             raise
         failpoints.hit(f"{op}.committed")
         for task in fresh:
