@@ -16,8 +16,8 @@ Errors are :class:`usher.errors.UsherError` subclasses only.
 """
 
 from usher.client.async_client import TERMINAL_STATES, AsyncClient, ConnectionState, task_ended
-from usher.client.backoff import Backoff
 from usher.client.sync_client import Client
+from usher.protocol.backoff import Backoff
 from usher.protocol.ops import HostInfo, TaskInfo, VmInfo, VmStateMsg, WhoAmI
 
 __all__ = [

@@ -10,7 +10,7 @@ hands to :attr:`AsyncClient.on_task`.
 Staying connected is the client's job, not the caller's:
 
 * A connection that drops is re-dialled with exponential backoff and jitter
-  (:class:`~usher.client.backoff.Backoff`); a call made meanwhile waits for the
+  (:class:`~usher.protocol.backoff.Backoff`); a call made meanwhile waits for the
   new connection, for at most ``reconnect_budget_s`` in all, then fails with
   :class:`~usher.errors.NotConnected`. A refused login
   (:class:`~usher.errors.AuthenticationFailed`) or a TLS failure is never
@@ -41,7 +41,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, NoReturn
 
-from usher.client.backoff import Backoff
 from usher.errors import (
     ConnectionClosed,
     NotConnected,
@@ -49,6 +48,7 @@ from usher.errors import (
     Unavailable,
     UsherError,
 )
+from usher.protocol.backoff import Backoff
 from usher.protocol.connection import Connection, dial
 from usher.protocol.frames import PROTOCOL_VERSIONS, Hello
 from usher.protocol.ops import (

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ from usher.config import LnmConfig
 from usher.errors import AuthenticationFailed, PermissionDenied, TimedOut, UsherError
 from usher.lnm.drivers.base import DomainEvent, DomainInfo, DomainSpec, HypervisorDriver
 from usher.protocol import frames, tls
+from usher.protocol.backoff import Backoff
 from usher.protocol.connection import Connection, dial
 from usher.protocol.frames import Hello
 from usher.protocol.ops import (
@@ -53,23 +53,6 @@ SOFTWARE = "usher-lnm/0.1"
 def domain_msg(d: DomainInfo) -> DomainMsg:
     return DomainMsg(uuid=d.uuid, name=d.name, state=str(d.state), memory_mib=d.memory_mib,
                      vcpus=d.vcpus, owner=d.owner, task_id=d.task_id, mac=d.mac)
-
-
-class Backoff:
-    """Exponential backoff with full jitter: delay n is uniform in (0, min(cap, base*2^n)]."""
-
-    def __init__(self, base: float, cap: float, rng: random.Random | None = None) -> None:
-        self.base, self.cap = base, cap
-        self.attempt = 0
-        self._rng = rng or random.Random()
-
-    def next(self) -> float:
-        ceiling = min(self.cap, self.base * (2 ** self.attempt))
-        self.attempt = min(self.attempt + 1, 32)
-        return self._rng.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class NodeAgent:
@@ -107,7 +90,7 @@ class NodeAgent:
                     log.error("controller refused this host: %s", exc.message)
                     raise
                 except UsherError as exc:
-                    delay = backoff.next()
+                    delay = backoff.next_delay()
                     log.warning("cannot reach controller (%s); retrying in %.1f s",
                                 exc.message, delay)
                     await _sleep_or_stop(stop, delay)
@@ -124,7 +107,7 @@ class NodeAgent:
                 if stop.is_set():
                     await conn.close("node manager stopping")
                     break
-                delay = backoff.next()
+                delay = backoff.next_delay()
                 log.warning("lost the controller (%s); VMs keep running; reconnecting in "
                             "%.1f s", conn.close_reason, delay)
                 await _sleep_or_stop(stop, delay)

@@ -1,6 +1,6 @@
 """Reconnect delays: exponential backoff with jitter.
 
-The client waits a little longer after each failed attempt to reach the
+Clients and node managers wait a little longer after each failed attempt to reach the
 controller, so a controller that restarts is not hammered by every client at
 once. Delays start at ``initial``, double per attempt and never exceed ``cap``;
 jitter draws each delay from the upper part of its step so that clients that
