@@ -72,13 +72,15 @@ class PlacementProvider(Provider):
             host = hosts.get(vmm)
             if host is None:
                 raise HostNotFound(f"no VMM named {vmm}; see vmm_list")
-            if host.state != "up":
-                raise HostUnavailable(f"VMM {host.name} is {host.state}; choose another "
+            if host.state != "up" or not host.connected:
+                what = host.state if host.state != "up" else "not connected"
+                raise HostUnavailable(f"VMM {host.name} is {what}; choose another "
                                       f"or leave out --vmm")
             candidates = [host]
         else:
             skip = set(exclude)
-            candidates = [h for h in hosts.values() if h.state == "up" and h.name not in skip]
+            candidates = [h for h in hosts.values()
+                          if h.state == "up" and h.connected and h.name not in skip]
             if not candidates:
                 raise NoCapacity("no VMM is up to take the VM; see vmm_list",
                                  details={"short": "hosts"})

@@ -43,12 +43,14 @@ from usher.controller.providers import Placement
 from usher.controller.state import TaskRec, VmRec
 from usher.errors import (
     Conflict,
+    ConnectionClosed,
     HostUnavailable,
     InvalidOption,
     InvalidState,
     PermissionDenied,
     TaskNotFound,
     TimedOut,
+    Unavailable,
     UsherError,
     VmNotFound,
 )
@@ -103,6 +105,7 @@ GOAL = {"start": "running", "shutdown": "stopped", "reboot": "running", "cycle":
 """State a task's VM has when the task succeeded (for settling after a restart)."""
 
 REQUEST_MEMORY_S = 24 * 3600.0
+CLEANUP_TIMEOUT_S = 10.0  # undoing a refused create must not hold its task for long
 
 
 def _mac() -> str:
@@ -496,9 +499,10 @@ class VmService:
         except TimeoutError:
             msg = (f"did not finish within {self.ctx.config.task_deadline_s:g} s "
                    f"(VMM {task.host} did not answer in time)")
-            await self._fail(task, vm, previous, msg)
+            await self._fail(task, vm, previous, msg, unreachable=True)
         except UsherError as exc:
-            await self._fail(task, vm, previous, exc.message)
+            await self._fail(task, vm, previous, exc.message,
+                             unreachable=isinstance(exc, Unavailable | ConnectionClosed))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -592,16 +596,27 @@ class VmService:
             self.ctx.fire("register", user=vm.owner, subject=vm.name, host=vm.host)
         self.ctx.fire(task.op, user=task.user, subject=vm.name, task=task.id, state=state)
 
-    async def _fail(self, task: TaskRec, vm: VmRec, previous: str, message: str) -> None:
+    async def _fail(self, task: TaskRec, vm: VmRec, previous: str, message: str, *,
+                    unreachable: bool = False) -> None:
         vm.task = None
         self.ctx.fire(f"{task.op}_failure", user=task.user, subject=vm.name, task=task.id,
                       error=message)
+        if task.created_vm and task.op == "start" and unreachable:
+            # The host did not answer: the domain may exist there or not. Keep
+            # the VM registered in error (its reservation with it); the host's
+            # next inventory settles it, and destroy removes it for good.
+            vm.reason = f"start failed: {message}; destroy it or start it again"
+            self._set_state(vm, "error", f"{task.op} task {task.id} failed", vm.reason)
+            task.vm_state = vm.state
+            await self._finish(task, "error", message, vm)
+            return
         if task.created_vm and task.op == "start":
-            # A create that failed leaves nothing: undefine whatever the host
-            # may have made (idempotent), release, unregister.
+            # The host refused: undefine whatever it may have made
+            # (idempotent), release, unregister. Nothing of the VM remains.
             if vm.host is not None and self.ctx.nodes.connected(vm.host):
                 try:
-                    await self.ctx.nodes.call(vm.host, "node.undefine", UuidArgs(uuid=vm.uuid))
+                    await self.ctx.nodes.call(vm.host, "node.undefine", UuidArgs(uuid=vm.uuid),
+                                              timeout=CLEANUP_TIMEOUT_S)
                 except UsherError as exc:
                     log.warning("cleanup of failed start %s: %s", vm.name, exc.message)
                     vm.reason = f"start failed: {message}"

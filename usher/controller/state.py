@@ -75,7 +75,8 @@ class HostRec:
                         cpus=self.cpus, memory_mib=self.memory_mib,
                         used_memory_mib=self.used_memory_mib + self.foreign_memory_mib,
                         used_vcpus=self.used_vcpus, vm_count=self.vm_count,
-                        live_migration=self.live_migration, last_seen=self.last_seen)
+                        live_migration=self.live_migration, last_seen=self.last_seen,
+                        connected=self.connected)
 
 
 @dataclass(slots=True, eq=False)

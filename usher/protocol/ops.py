@@ -78,6 +78,7 @@ class HostInfo(_S):
     vm_count: int
     live_migration: bool = False
     last_seen: float = 0.0
+    connected: bool = False  # its node manager is connected now
 
 
 # --------------------------------------------------------- client operations

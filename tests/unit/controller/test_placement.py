@@ -13,7 +13,7 @@ def _reg(*hosts: tuple[str, int, int, str]) -> Registry:
     reg = Registry()
     for name, cpus, mem, state in hosts:
         reg.add_host(HostRec(name=name, state=state, disabled=state == "disabled",
-                             hypervisor="test", cpus=cpus, memory_mib=mem))
+                             hypervisor="test", cpus=cpus, memory_mib=mem, connected=True))
     return reg
 
 
@@ -113,3 +113,14 @@ def test_hold_charges_move_target() -> None:
     reg.unhold("h2", vm)
     reg.unhold("h2", vm)
     assert reg.hosts["h2"].used_memory_mib == 0
+
+
+def test_disconnected_host_is_not_placed_on() -> None:
+    reg = _reg(("h1", 4, 4096, "up"), ("h2", 4, 8192, "up"))
+    reg.hosts["h2"].connected = False  # registered before a restart, not back yet
+    p = PlacementProvider(reg)
+    vm = _vm(reg)
+    p.reserve(Placement(vm=vm))
+    assert vm.host == "h1"
+    with pytest.raises(HostUnavailable, match="not connected"):
+        p.reserve(Placement(vm=_vm(reg, name="b"), vmm="h2"))
