@@ -3,10 +3,10 @@
 All SQL runs in one dedicated thread, so the event loop never blocks on the
 database and SQLite sees a single writer. Jobs (plain functions of a
 ``Session``) queue up while a transaction is in progress and the next
-transaction takes them all at once, each in a SAVEPOINT of its own: one
-failing job rolls back only itself, and a burst of N requests costs one
-commit instead of N. That is what lets the controller journal hundreds of
-tasks a second on SQLite.
+transaction takes them all at once: a burst of N requests costs one commit
+instead of N. If any job of a batch fails, the batch is rolled back and each
+job runs again in a transaction of its own, so one failing job fails alone.
+A job must therefore not depend on side effects of its own earlier attempt.
 
 SQLite runs in WAL mode with ``synchronous=NORMAL``: a killed controller loses
 nothing committed; a power cut may lose the last transactions (documented in
@@ -111,7 +111,7 @@ class Database:
         self._thread.start()
 
     async def run(self, job: Callable[[Session], T]) -> T:
-        """Run ``job(session)`` in its own savepoint of the next transaction.
+        """Run ``job(session)`` in the next transaction (see the module docstring).
 
         The transaction commits before this returns. The job's exception is
         re-raised here; a failed commit raises :class:`Unavailable`.
@@ -152,41 +152,43 @@ class Database:
                 return
 
     def _run_batch(self, batch: list[tuple[Callable[[Session], Any], Future[Any]]]) -> None:
-        outcomes: list[tuple[Future[Any], bool, Any]] = []
-        try:
-            with Session(self.engine, expire_on_commit=False) as session, session.begin():
-                for job, fut in batch:
-                    if len(batch) == 1:
-                        try:
-                            outcomes.append((fut, True, job(session)))
-                            session.flush()
-                        except BaseException as exc:
-                            outcomes.append((fut, False, exc))
-                            raise
-                        continue
-                    try:
-                        with session.begin_nested():
-                            result = job(session)
-                        outcomes.append((fut, True, result))
-                    except Exception as exc:
-                        outcomes.append((fut, False, exc))
-        except Exception as exc:
-            failed = {id(f) for f, ok, _ in outcomes if not ok}
-            if len(batch) == 1 and failed:
-                fut = outcomes[0][0]
-                fut.set_exception(_translate(outcomes[0][2]))
-                return
-            log.exception("database commit failed")
-            err = Unavailable(f"database commit failed: {exc}")
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(err)
-            return
-        for fut, ok, value in outcomes:
-            if ok:
-                fut.set_result(value)
+        # Optimistic group commit: the whole batch in one transaction. Should
+        # any job fail, nothing of the batch is committed and each job runs
+        # again alone, so only the failing one fails. Savepoints would isolate
+        # jobs too, but cost more than the rare re-run.
+        if len(batch) > 1:
+            try:
+                results = self._transaction([job for job, _ in batch])
+            except Exception:
+                log.debug("a batch of %d jobs failed; running them one by one", len(batch))
             else:
-                fut.set_exception(_translate(value))
+                for (_, fut), result in zip(batch, results, strict=True):
+                    _resolve(fut, result=result)
+                return
+        for job, fut in batch:
+            try:
+                [result] = self._transaction([job])
+            except Exception as exc:
+                _resolve(fut, error=_translate(exc))
+            else:
+                _resolve(fut, result=result)
+
+    def _transaction(self, jobs: list[Callable[[Session], Any]]) -> list[Any]:
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            results = [job(session) for job in jobs]
+            session.flush()
+        return results
+
+
+def _resolve(fut: Future[Any], *, result: Any = None, error: BaseException | None = None
+             ) -> None:
+    """Hand a job's outcome to its caller, unless the caller stopped waiting."""
+    if fut.done():  # cancelled: its awaiter timed out; the work is done regardless
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
 
 
 def _translate(exc: BaseException) -> BaseException:

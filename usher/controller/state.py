@@ -117,6 +117,7 @@ class Registry:
     def __init__(self) -> None:
         self.vms: dict[str, VmRec] = {}  # by uuid
         self.by_name: dict[str, VmRec] = {}
+        self.macs: set[str] = set()
         self.by_owner: dict[str, dict[str, VmRec]] = {}
         self.hosts: dict[str, HostRec] = {}
         self.tasks: dict[str, TaskRec] = {}
@@ -127,12 +128,14 @@ class Registry:
     def add_vm(self, vm: VmRec) -> None:
         self.vms[vm.uuid] = vm
         self.by_name[vm.name] = vm
+        self.macs.add(vm.mac)
         self.by_owner.setdefault(vm.owner, {})[vm.uuid] = vm
         if vm.host is not None:
             self._charge(vm.host, vm, +1)
 
     def remove_vm(self, vm: VmRec) -> None:
         self.vms.pop(vm.uuid, None)
+        self.macs.discard(vm.mac)
         if self.by_name.get(vm.name) is vm:
             del self.by_name[vm.name]
         owned = self.by_owner.get(vm.owner)

@@ -48,3 +48,22 @@ async def test_group_commit_isolates_failing_jobs(tmp_path: Path) -> None:
         assert count == 51
     finally:
         db.close()
+
+
+async def test_a_caller_that_gives_up_does_not_stop_the_db_thread(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'u.db'}"
+    dbmod.upgrade(url)
+    db = dbmod.Database(dbmod.make_engine(url))
+    try:
+        def slow(s):  # type: ignore[no-untyped-def]
+            time.sleep(0.3)
+            s.add(_user("slow"))
+
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(db.run(slow), 0.05)  # cancels the job's future
+        # The DB thread finished the job and is still serving.
+        count = await asyncio.wait_for(
+            db.run(lambda s: s.scalar(select(func.count()).select_from(User))), 5)
+        assert count == 1
+    finally:
+        db.close()

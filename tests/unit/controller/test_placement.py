@@ -124,3 +124,11 @@ def test_disconnected_host_is_not_placed_on() -> None:
     assert vm.host == "h1"
     with pytest.raises(HostUnavailable, match="not connected"):
         p.reserve(Placement(vm=_vm(reg, name="b"), vmm="h2"))
+
+
+def test_registry_tracks_macs() -> None:
+    reg = _reg(("h1", 4, 4096, "up"))
+    vm = _vm(reg)
+    assert vm.mac in reg.macs
+    reg.remove_vm(vm)
+    assert vm.mac not in reg.macs
