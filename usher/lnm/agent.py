@@ -175,6 +175,14 @@ class NodeAgent:
 
     # ============================================================== serving
     async def _handle(self, conn: Connection, op: Op, args: Any, rid: str) -> Any:
+        try:
+            return await self._serve(op, args)
+        finally:
+            # Durable before the controller hears of it; calls that ran
+            # together share one flush.
+            await self._call(self.driver.flush)
+
+    async def _serve(self, op: Op, args: Any) -> Any:
         d = self.driver
         if op.name == "node.define":
             assert isinstance(args, DefineArgs)

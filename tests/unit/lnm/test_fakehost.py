@@ -81,18 +81,25 @@ def test_domains_and_their_states_survive_a_restart(tmp_path: Path) -> None:
         again.close()
 
 
-def test_a_no_op_verb_does_not_rewrite_the_file(tmp_path: Path) -> None:
+def test_changes_are_written_at_flush_and_no_ops_not_at_all(tmp_path: Path) -> None:
     path = tmp_path / "h.xml"
     driver = open_driver(path)
     try:
         uuid = driver.define(spec(1)).uuid
         driver.start(uuid)
+        driver.flush()
         inode = path.stat().st_ino      # every write replaces the file
         driver.start(uuid)
         driver.define(spec(1))
-        assert path.stat().st_ino == inode
+        driver.flush()
+        assert path.stat().st_ino == inode  # no-ops: nothing written
         driver.pause(uuid)
+        driver.resume(uuid)
+        driver.pause(uuid)
+        assert path.stat().st_ino == inode  # not yet: written at the next flush
+        driver.flush()
         assert path.stat().st_ino != inode
+        assert "<test:runstate>3</test:runstate>" in path.read_text()
     finally:
         driver.close()
 

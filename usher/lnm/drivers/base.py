@@ -302,6 +302,15 @@ class HypervisorDriver(abc.ABC):
                 is False).
         """
 
+    def flush(self) -> None:  # noqa: B027 - optional: most hypervisors persist on their own
+        """Make every change made so far durable before it is reported upward.
+
+        A real hypervisor keeps its own state and needs nothing here (the
+        default). A fake host writes its host file. The node manager calls
+        this once after each node call, before replying, so the changes of
+        calls that ran together cost one write.
+        """
+
     @abc.abstractmethod
     def undefine(self, uuid: str) -> None:
         """Remove the domain: power it off if needed, drop its saved image, undefine it.

@@ -196,6 +196,7 @@ class LibvirtDriver(HypervisorDriver):
         self.domain_type = domain_type or domain_type_for_uri(uri)
         self.capabilities = capabilities_for_uri(uri)
         self._fake_host = fake_host
+        self._dirty: set[str] = set()  # domains changed since the last flush
         # Guards the connection, the subscription and the fake host's file
         # against the event thread and overlapping callers.
         self._lock = threading.RLock()
@@ -223,8 +224,13 @@ class LibvirtDriver(HypervisorDriver):
                 raise
 
     def close(self) -> None:
-        """Unsubscribe and disconnect; idempotent. Domains keep running."""
+        """Flush, unsubscribe and disconnect; idempotent. Domains keep running."""
         with self._lock:
+            if self._conn is not None:
+                try:
+                    self.flush()
+                except UsherError:
+                    log.exception("saving fake host %s failed", self.uri)
             conn, self._conn = self._conn, None
             if conn is None:
                 return
@@ -489,19 +495,28 @@ class LibvirtDriver(HypervisorDriver):
 
     @contextmanager
     def _changing(self, uuid: str) -> Iterator[None]:
-        """Serialise a mutating call and record its effect on a fake host."""
+        """Serialise a mutating call and note the domain for the next flush.
+
+        The domain is noted even when the call fails: the file must follow
+        libvirt (a shutdown that timed out may still have changed the state).
+        """
         with self._lock:
             try:
                 yield
-            except UsherError:
-                # Keep the caller's error; the file must still follow libvirt
-                # (e.g. a shutdown that timed out may have changed the state).
-                try:
-                    self._save_fake_host([uuid])
-                except UsherError:
-                    log.exception("saving fake host %s failed", self.uri)
+            finally:
+                self._dirty.add(uuid)
+
+    def flush(self) -> None:
+        """Write the changed domains to a fake host's file (see the ABC)."""
+        with self._lock:
+            if not self._dirty:
+                return
+            changed, self._dirty = self._dirty, set()
+            try:
+                self._save_fake_host(changed)
+            except BaseException:
+                self._dirty |= changed
                 raise
-            self._save_fake_host([uuid])
 
     def _save_fake_host(self, changed: Iterable[str] | None) -> None:
         if self._fake_host is None or self._conn is None:
