@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from sqlalchemy import delete, select
+from sqlalchemy import Table, delete, select, update
 from sqlalchemy.orm import Session
 
 from usher import failpoints
@@ -450,13 +450,25 @@ class VmService:
         launched again here.
         """
         new_vms, held = new_vms or [], held or []
+        user, now = identity.user, _now()
+        created = {vm.uuid for vm in new_vms}
+        transitions = [_transition_row(vm, "new", vm.state, f"{op} by {user}", now)
+                       for vm in new_vms]
+        # The state a VM shows while its task runs is journaled with the task.
+        previous: list[tuple[VmRec, str]] = []
+        for task in fresh:
+            vm = self.reg.vms.get(task.vm_uuid or "")
+            transient = TRANSIENT.get(task.op)
+            if task.active and vm is not None and transient and vm.state != transient:
+                previous.append((vm, vm.state))
+                old = self.reg.set_state(vm, transient, "")
+                if vm.uuid not in created:
+                    transitions.append(_transition_row(vm, old, transient,
+                                                       f"{op} task {task.id}", now))
         accepted = Accepted(tasks=[t.info() for t in tasks])
         vm_rows = [_vm_row(vm) for vm in new_vms]
         task_rows = [_task_row(t) for t in fresh]
         reply = frames.encode(accepted)
-        user, now = identity.user, _now()
-        transitions = [_transition_row(vm, "new", vm.state, f"{op} by {user}", now)
-                       for vm in new_vms]
 
         def write(session: Session) -> None:
             session.add_all(vm_rows)
@@ -468,6 +480,8 @@ class VmService:
         try:
             await self.ctx.db.run(write)
         except BaseException:
+            for vm, state in previous:
+                self.reg.set_state(vm, state, vm.reason)
             self._undo(fresh, new_vms, held)
             raise
         failpoints.hit(f"{op}.committed")
@@ -488,7 +502,7 @@ class VmService:
         if vm is None:
             await self._finish(task, "error", "the VM is gone", None)
             return
-        previous = vm.state
+        previous = task.vm_state or vm.state  # the state when the task was made
         transient = TRANSIENT.get(task.op)
         if transient and vm.state != transient and not settle:
             self._set_state(vm, transient, f"{task.op} task {task.id}")
@@ -667,9 +681,9 @@ class VmService:
         tid, vid = task.id, vm.uuid if vm is not None else None
 
         def write(session: Session) -> None:
-            session.query(Task).filter(Task.id == tid).update(t_values)
+            session.execute(update(_TASKS).where(_TASKS.c.id == tid).values(t_values))
             if vm_values is not None:
-                session.query(Vm).filter(Vm.uuid == vid).update(vm_values)
+                session.execute(update(_VMS).where(_VMS.c.uuid == vid).values(vm_values))
             if transition is not None:
                 session.add(transition)
 
@@ -723,6 +737,8 @@ class VmService:
             await asyncio.wait(list(self._runners.values()), timeout=5)
 
 
+_TASKS: Table = Task.__table__  # type: ignore[assignment]
+_VMS: Table = Vm.__table__  # type: ignore[assignment]
 _ACTION = {"shutdown": "shutdown", "reboot": "reboot", "cycle": "cycle", "pause": "pause",
            "resume": "resume", "hibernate": "hibernate", "start": "start"}
 
