@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,6 +67,10 @@ class NodeAgent:
         self._conn: Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.registered = asyncio.Event()
+        self._qlock = threading.Lock()  # guards the two counters below
+        self._queued = 0  # node calls handed to the hypervisor thread, not finished
+        self._flushes = 0  # driver flushes done
+        self._flushed = asyncio.Event()  # set (and replaced) after each flush
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -175,45 +180,89 @@ class NodeAgent:
 
     # ============================================================== serving
     async def _handle(self, conn: Connection, op: Op, args: Any, rid: str) -> Any:
-        try:
-            return await self._serve(op, args)
-        finally:
-            # Durable before the controller hears of it; calls that ran
-            # together share one flush.
-            await self._call(self.driver.flush)
+        return await self._durably(self._work(op, args))
 
-    async def _serve(self, op: Op, args: Any) -> Any:
+    async def _durably(self, work: Callable[[], T]) -> T:
+        """Run ``work`` in the hypervisor thread and return once its effect is durable.
+
+        One thread hop per node call: the call that leaves the queue empty
+        flushes the driver (a fake host's file) for every call before it;
+        those wait for that flush before replying, so the controller never
+        hears of a change a crash could still lose, and a burst of calls
+        costs one write.
+        """
+        with self._qlock:
+            self._queued += 1
+
+        def job() -> tuple[T, int | None]:
+            try:
+                result = work()
+            finally:
+                with self._qlock:
+                    self._queued -= 1
+                    last, seen = self._queued == 0, self._flushes
+            if not last:
+                return result, seen
+            try:
+                self.driver.flush()
+            finally:
+                with self._qlock:
+                    self._flushes += 1
+                if self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._pulse)
+            return result, None
+
+        result, seen = await self._call(job)
+        while seen is not None and self._flushes <= seen:
+            await self._flushed.wait()
+        return result
+
+    def _pulse(self) -> None:
+        self._flushed.set()
+        self._flushed = asyncio.Event()
+
+    def _work(self, op: Op, args: Any) -> Callable[[], Any]:
+        """The driver calls that serve ``op``, as one function for the worker thread."""
         d = self.driver
         if op.name == "node.define":
             assert isinstance(args, DefineArgs)
             s = args.spec
             spec = DomainSpec(uuid=s.uuid, name=s.name, memory_mib=s.memory_mib,
                               vcpus=s.vcpus, mac=s.mac, owner=s.owner, task_id=s.task_id)
-            info = await self._call(d.define, spec)
-            if args.start:
-                info = await self._call(d.start, spec.uuid)
-            return domain_msg(info)
+
+            def define() -> DomainMsg:
+                info = d.define(spec)
+                return domain_msg(d.start(spec.uuid) if args.start else info)
+            return define
         if op.name == "node.action":
             assert isinstance(args, ActionArgs)
-            return domain_msg(await self._action(args))
+            action = args
+
+            def act() -> DomainMsg:
+                return domain_msg(self._action(action))
+            return act
         if op.name == "node.undefine":
             assert isinstance(args, UuidArgs)
-            await self._call(d.undefine, args.uuid)
-            return Empty()
+            uuid = args.uuid
+
+            def undefine() -> Empty:
+                d.undefine(uuid)
+                return Empty()
+            return undefine
         if op.name == "node.inventory":
-            return Inventory(domains=[domain_msg(x) for x in await self._call(d.list_domains)])
+            return lambda: Inventory(domains=[domain_msg(x) for x in d.list_domains()])
         raise PermissionDenied(f"operation {op.name} is not served by a node")
 
-    async def _action(self, args: ActionArgs) -> DomainInfo:
+    def _action(self, args: ActionArgs) -> DomainInfo:
         d, uuid = self.driver, args.uuid
         if args.action == "shutdown":
-            return await self._call(d.shutdown, uuid, args.timeout_s)
+            return d.shutdown(uuid, args.timeout_s)
         if args.action == "cycle":
-            await self._call(d.power_off, uuid)
-            return await self._call(d.start, uuid)
+            d.power_off(uuid)
+            return d.start(uuid)
         method = {"start": d.start, "reboot": d.reboot, "power_off": d.power_off,
                   "pause": d.pause, "resume": d.resume, "hibernate": d.hibernate}[args.action]
-        return await self._call(method, uuid)
+        return method(uuid)
 
     def _on_event(self, ev: DomainEvent) -> None:
         # Drivers may call back from their own threads (the fake driver fires
