@@ -26,7 +26,7 @@ from pathlib import Path
 
 from usher.config import ControllerConfig, LnmConfig, UshConfig, load_toml, to_toml
 from usher.errors import Unavailable
-from usher.protocol import tls
+from usher.protocol.pki import SitePki, issue_host_cert_files
 
 SITE = "usher.test"
 USER = "seuss"
@@ -74,7 +74,7 @@ class Demo:
             secret.touch(mode=0o600)
             secret.write_text(password + "\n")
         password = secret.read_text().strip()
-        pki = tls.SitePki(ca_cert=Path(cfg.ca_cert), ca_key=Path(cfg.ca_key),
+        pki = SitePki(ca_cert=Path(cfg.ca_cert), ca_key=Path(cfg.ca_key),
                           controller_cert=Path(cfg.cert), controller_key=Path(cfg.key))
         hosts = []
         for i in range(1, self.lnms + 1):
@@ -83,7 +83,7 @@ class Demo:
             hdir.mkdir(parents=True, exist_ok=True)
             cert, key = hdir / "host.crt", hdir / "host.key"
             if not cert.exists():
-                cert, key = tls.issue_host_cert_files(pki, name, hdir)
+                cert, key = issue_host_cert_files(pki, name, hdir)
             cpus, mem = HOST_SIZES[(i - 1) % len(HOST_SIZES)]
             lcfg = LnmConfig(controller_host="127.0.0.1", controller_port=cfg.listen_port,
                              controller_name="localhost", ca_cert=cfg.ca_cert, cert=str(cert),

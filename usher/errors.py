@@ -16,7 +16,9 @@ and the network are translated into these at the boundary where they occur.
     │   ├── VmNotFound (vm_not_found)
     │   ├── HostNotFound (host_not_found)
     │   ├── TaskNotFound (task_not_found)
-    │   └── UserNotFound (user_not_found)
+    │   ├── UserNotFound (user_not_found)
+    │   ├── ClusterNotFound (cluster_not_found)
+    │   └── GroupNotFound (group_not_found)
     ├── Conflict (conflict, 4)
     │   ├── InvalidState (invalid_state)
     │   └── AlreadyExists (already_exists)
@@ -170,6 +172,18 @@ class UserNotFound(NotFound):
     """No user of that name."""
 
     code = "user_not_found"
+
+
+class ClusterNotFound(NotFound):
+    """No cluster of that name in the directory (it has no branch yet)."""
+
+    code = "cluster_not_found"
+
+
+class GroupNotFound(NotFound):
+    """No group of that name in the cluster."""
+
+    code = "group_not_found"
 
 
 class Conflict(UsherError):

@@ -41,6 +41,7 @@ from usher.protocol import frames, tls
 from usher.protocol.connection import Connection, dial
 from usher.protocol.frames import Envelope, Hello
 from usher.protocol.ops import Empty, WhoAmI
+from usher.protocol.pki import SitePki, issue_host_cert_files, write_site_pki
 
 SITE = "usher.test"
 USER = "seuss"
@@ -64,7 +65,7 @@ class RunningController:
     ctrl: Controller
     host: str
     port: int
-    pki: tls.SitePki
+    pki: SitePki
     tmp: Path
     user: str = USER
     password: str = PASSWORD
@@ -87,7 +88,7 @@ class RunningController:
 
     def issue_host_cert(self, hostname: str) -> tuple[Path, Path]:
         """Issue a host certificate; returns (cert path, key path)."""
-        return tls.issue_host_cert_files(self.pki, hostname, self.tmp / "hosts" / hostname)
+        return issue_host_cert_files(self.pki, hostname, self.tmp / "hosts" / hostname)
 
     async def open_tls(self, *, cert: tuple[Path, Path] | None = None,
                        local_addr: str | None = None
@@ -183,9 +184,9 @@ class RunningController:
         await self.ctrl.stop()
 
 
-def write_site(tmp: Path) -> tuple[ControllerConfig, tls.SitePki]:
+def write_site(tmp: Path) -> tuple[ControllerConfig, SitePki]:
     """Config, PKI, schema and users of a test site under ``tmp``."""
-    pki = tls.write_site_pki(tmp / "pki", site=SITE, controller_names=["localhost"])
+    pki = write_site_pki(tmp / "pki", site=SITE, controller_names=["localhost"])
     url = f"sqlite:///{tmp / 'state' / 'usher.db'}"
     cfg = ControllerConfig(
         site_domain=SITE, listen_host="127.0.0.1", listen_port=0, database_url=url,
@@ -210,7 +211,7 @@ class SiteTemplate:
     """A site made once per test session; each test copies its database."""
 
     cfg: ControllerConfig
-    pki: tls.SitePki
+    pki: SitePki
     db_file: Path
 
 

@@ -27,7 +27,7 @@ from usher.controller import db as dbmod
 from usher.controller.app import Controller
 from usher.lnm.agent import NodeAgent
 from usher.lnm.drivers import make_driver
-from usher.protocol import tls
+from usher.protocol.pki import issue_host_cert_files, write_site_pki
 
 
 def _pg_bin() -> Path | None:
@@ -65,7 +65,7 @@ def postgres() -> Iterator[str]:
 
 async def test_controller_on_postgresql(postgres: str, tmp_path: Path) -> None:
     site = "pg.usher.test"
-    pki = tls.write_site_pki(tmp_path / "pki", site=site,
+    pki = write_site_pki(tmp_path / "pki", site=site,
                              controller_names=["localhost", "127.0.0.1"])
     dbmod.upgrade(postgres)
     db = dbmod.Database(dbmod.make_engine(postgres))
@@ -75,7 +75,7 @@ async def test_controller_on_postgresql(postgres: str, tmp_path: Path) -> None:
                            ca_cert=str(pki.ca_cert), ca_key=str(pki.ca_key),
                            cert=str(pki.controller_cert), key=str(pki.controller_key),
                            heartbeat_s=0.5, host_lost_after_s=5)
-    cert, key = tls.issue_host_cert_files(pki, f"h1.{site}", tmp_path / "h1")
+    cert, key = issue_host_cert_files(pki, f"h1.{site}", tmp_path / "h1")
     driver = make_driver("fake", hostname=f"h1.{site}", cpus=8, memory_mib=8192)
 
     async def run_site(check: str) -> list[str]:

@@ -30,7 +30,7 @@ from usher.controller.providers import PlacementProvider, ProviderChain
 from usher.controller.server import ControllerServer
 from usher.controller.service import VmService
 from usher.controller.state import HostRec, Registry, TaskRec, VmRec
-from usher.protocol import tls
+from usher.protocol import pki, tls
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class Controller:
                 log.exception("periodic reconciliation failed")
 
     def _issue_host_cert(self, hostname: str) -> tuple[str, str]:
-        cert, key = tls.issue_cert(Path(self.config.ca_cert).read_bytes(),
+        cert, key = pki.issue_cert(Path(self.config.ca_cert).read_bytes(),
                                    Path(self.config.ca_key).read_bytes(),
                                    common_name=hostname, role="host", dns_names=[hostname])
         return cert.decode(), key.decode()

@@ -34,7 +34,7 @@ from usher.controller import db as dbmod
 from usher.controller.models import JoinToken
 from usher.errors import ConfigError, InvalidRequest, UsherError
 from usher.names import validate_domain
-from usher.protocol import tls
+from usher.protocol.pki import write_site_pki
 
 log = logging.getLogger("usher.controller")
 
@@ -76,7 +76,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     pki_dir = config_path.parent.resolve() / "pki"
     host, _, port = args.listen.rpartition(":")
     names = sorted({host, "localhost", "127.0.0.1", *args.controller_name})
-    pki = tls.write_site_pki(pki_dir, site=site, controller_names=names)
+    pki = write_site_pki(pki_dir, site=site, controller_names=names)
     if config_path.exists():
         cfg = load_toml(ControllerConfig, config_path)
     else:

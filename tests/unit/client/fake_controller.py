@@ -21,7 +21,8 @@ from usher.protocol import frames
 from usher.protocol.connection import Connection
 from usher.protocol.frames import ErrorBody, Hello, Refuse, Welcome
 from usher.protocol.ops import Op, WhoAmI
-from usher.protocol.tls import issue_cert, make_ca, server_context
+from usher.protocol.pki import issue_cert, make_ca
+from usher.protocol.tls import server_context
 
 SITE = "usher.test"
 USER = "seuss"

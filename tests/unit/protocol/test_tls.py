@@ -16,19 +16,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from usher.errors import ConfigError, InvalidName, InvalidRequest, PermissionDenied, ProtocolError
+from usher.protocol.pki import SitePki, issue_cert, issue_host_cert_files, make_ca, write_site_pki
 from usher.protocol.tls import (
     ROLE_OID,
     Role,
-    SitePki,
     cert_role,
     client_context,
-    issue_cert,
-    issue_host_cert_files,
-    make_ca,
     peer_role,
     require_role,
     server_context,
-    write_site_pki,
 )
 
 SITE = "usher.example.org"

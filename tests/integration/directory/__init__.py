@@ -1,0 +1,1 @@
+"""Tests of usher.directory against a real slapd."""
