@@ -16,9 +16,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from usher.errors import ConfigError, InvalidName, InvalidRequest, PermissionDenied, ProtocolError
-from usher.protocol.pki import SitePki, issue_cert, issue_host_cert_files, make_ca, write_site_pki
-from usher.protocol.tls import (
+from usher.protocol.pki import (
     ROLE_OID,
+    SitePki,
+    issue_cert,
+    issue_host_cert_files,
+    make_ca,
+    write_site_pki,
+)
+from usher.protocol.tls import (
+    ROLE_OID_DOTTED,
     Role,
     cert_role,
     client_context,
@@ -354,3 +361,16 @@ async def test_controller_refuses_a_node_from_another_ca(site: Site, other_site:
             data = b""
         assert data == b""
     assert seen.empty()
+
+
+def test_stdlib_role_reader_agrees_with_cryptography() -> None:
+    """tls reads the role with its own DER reader; pki writes it with cryptography."""
+    assert ROLE_OID.dotted_string == ROLE_OID_DOTTED
+    ca_cert, ca_key = make_ca(SITE)
+    for role in ("controller", "host"):
+        pem, _ = issue_cert(ca_cert, ca_key, common_name=HOST, role=role, dns_names=[HOST])
+        der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+        assert cert_role(pem) == cert_role(der) == role
+    assert cert_role(ca_cert) is None
+    with pytest.raises(ProtocolError):
+        cert_role(b"\x30\x82\xff\xff garbage")
