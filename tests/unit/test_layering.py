@@ -23,7 +23,8 @@ import pytest
 import usher
 
 ROOT = Path(usher.__file__).parent
-CORE = ("usher.errors", "usher.names", "usher.config", "usher.failpoints", "usher.protocol")
+CORE = ("usher.errors", "usher.names", "usher.config", "usher.failpoints", "usher.protocol",
+        "usher.directory")
 SERVICES = ("usher.controller", "usher.lnm", "usher.ush")
 ABOVE_CORE = (*SERVICES, "usher.client", "usher.usertools", "usher.cli", "usher.demo")
 DATABASE = ("sqlalchemy", "alembic")
@@ -138,3 +139,8 @@ def test_usertools_use_only_the_core_and_client() -> None:
 def test_hypervisor_code_knows_no_controller_or_database() -> None:
     hypervisor = modules_under(("usher.lnm.drivers", "usher.lnm.domxml"))
     assert violations(hypervisor, ("usher.controller", *DATABASE)) == []
+
+
+def test_directory_library_knows_no_protocol_or_database() -> None:
+    """The directory library serves the controller and the usher_* tools alike."""
+    assert violations(modules_under("usher.directory"), ("usher.protocol", *DATABASE)) == []

@@ -14,7 +14,7 @@ so that the first step is the one most likely to fail, and record an undo action
 for every step done; if a later step fails, the undo actions run in reverse and
 the original error is raised. If the server becomes unreachable midway the undo
 cannot run either; :meth:`Directory.ensure_cluster` is idempotent for that reason
-and a half-deleted user leaves only links that anyone may clean up.
+and a half-deleted user leaves only links that any bound account may remove.
 
 The class is synchronous (ldap3's SYNC strategy) and holds one connection, which
 is not thread-safe: use one :class:`Directory` per thread, and from asyncio code
@@ -195,7 +195,7 @@ def validate_home_uri(uri: str) -> str:
         raise InvalidRequest(f"{uri!r} is not a home URI ({exc}); {hint}") from None
     if parts.scheme != "nfs" or not parts.hostname or parts.username is not None \
             or parts.password is not None or parts.query or parts.fragment \
-            or uri.endswith(("?", "#")):
+            or uri.endswith(("?", "#")) or port == 0:
         raise InvalidRequest(f"{uri!r} is not a home URI; {hint}")
     host = parts.hostname
     try:
@@ -207,7 +207,6 @@ def validate_home_uri(uri: str) -> str:
             raise InvalidRequest(f"{host!r} in {uri!r} is not a host name; {hint}") from None
     if not _URI_PATH.fullmatch(parts.path) or parts.path == "/" or "/../" in parts.path + "/":
         raise InvalidRequest(f"{parts.path!r} in {uri!r} is not an absolute path; {hint}")
-    del port  # parsed only to refuse a bad one
     return uri
 
 
@@ -722,7 +721,12 @@ class Directory:
             for dn, attributes in entries:
                 if dn in missing:
                     self._step(f"ensure_cluster.add:{dn.split(',', 1)[0]}")
-                    self._add(dn, attributes, action=f"create {dn}", denied=denied)
+                    try:
+                        self._add(dn, attributes, action=f"create {dn}", denied=denied)
+                    except AlreadyExists:
+                        # Made meanwhile by a concurrent call: theirs to keep, ours to use.
+                        log.debug("%s was created concurrently", dn)
+                        continue
                     undo.push(f"create {dn}", functools.partial(self._conn.delete, dn))
                     created = True
             if site.cluster_of(home.dn) != name:
@@ -1129,7 +1133,8 @@ class Directory:
               denied: PermissionDenied, strict: bool = False) -> bool:
         """Link ``home`` (the home entry of ``uid``) into ``cluster``; True if anything was added.
 
-        Without ``strict`` (a cluster's creator), links already in place are kept.
+        Without ``strict`` (a cluster's creator), links already in place are kept
+        and the name's memberships are left alone.
         """
         site = self.layout
         home_cluster = site.cluster_of(home.dn)
@@ -1174,24 +1179,42 @@ class Directory:
                            details={"uid": uid, "cluster": cluster, "gid_number": gid})
         added = False
         if not person_linked:
-            # Memberships of a former user of this name must not pass to this one.
-            self._leave_groups(undo, cluster, uid, denied=denied, keep_an_admin=False)
+            if strict:
+                # Memberships of a former user of this name must not pass to this
+                # one. (A cluster's creator is made an admin right after anyway.)
+                self._leave_groups(undo, cluster, uid, denied=denied, keep_an_admin=False)
             self._step("link.person")
-            self._add(person_dn, {"objectClass": ["top", "alias", "uidObject"], "uid": [uid],
-                                  "aliasedObjectName": [home.dn]},
-                      action=f"link {uid} into {cluster}", denied=denied)
-            undo.push(f"link {person_dn}", lambda: self._conn.delete(person_dn))
-            added = True
+            added |= self._add_link(undo, person_dn, home.dn, {
+                "objectClass": ["top", "alias", "uidObject"], "uid": [uid]},
+                action=f"link {uid} into {cluster}", denied=denied, strict=strict)
         if not group_linked and self._read(home_group_dn, ["cn"],
                                            action=f"read {home_group_dn}") is not None:
             self._step("link.group")
-            self._add(group_dn, {"objectClass": ["top", "alias", "extensibleObject"],
-                                 "cn": [uid], "aliasedObjectName": [home_group_dn]},
-                      action=f"link the private group of {uid} into {cluster}",
-                      denied=denied)
-            undo.push(f"link {group_dn}", lambda: self._conn.delete(group_dn))
-            added = True
+            added |= self._add_link(undo, group_dn, home_group_dn, {
+                "objectClass": ["top", "alias", "extensibleObject"], "cn": [uid]},
+                action=f"link the private group of {uid} into {cluster}", denied=denied,
+                strict=strict)
         return added
+
+    def _add_link(self, undo: _Undo, dn: str, target: str, attributes: Attributes, *,
+                  action: str, denied: PermissionDenied, strict: bool) -> bool:
+        """Add the alias ``dn`` to ``target``; True if added.
+
+        Without ``strict``, the same link made meanwhile by a concurrent call is
+        accepted (and left to it).
+        """
+        try:
+            self._add(dn, {**attributes, "aliasedObjectName": [target]}, action=action,
+                      denied=denied)
+        except AlreadyExists:
+            there = None if strict else self._read(dn, ["objectClass", "aliasedObjectName"],
+                                                   action=f"read {dn}")
+            if there is None or not there.is_alias \
+                    or not _same_dn(there.first("aliasedObjectName"), target):
+                raise
+            return False
+        undo.push(f"link {dn}", functools.partial(self._conn.delete, dn))
+        return True
 
     # --- groups ----------------------------------------------------------------------
     def add_group(self, cluster: str, name: str) -> DirectoryGroup:

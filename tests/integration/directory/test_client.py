@@ -106,6 +106,17 @@ def test_an_unreachable_server_is_unavailable(tmp_path: Path) -> None:
         Directory.connect(url, SITE, timeout=2)
 
 
+def test_slapd_restarted_on_its_directory_keeps_the_site(tmp_path: Path) -> None:
+    server = Slapd(tmp_path, SITE, root_password="r", admin_password="a",
+                   service_password="s", durable=False)
+    with server:
+        with Directory.connect(server.url, SITE, server.layout.site_admin_dn, "a") as admin:
+            admin.add_usher_user("yertle", "Yertle", "pw")
+    assert server.pid is None
+    with server, Directory.bind_user(server.url, SITE, SITE, "yertle", "pw") as yertle:
+        assert yertle.get_user(SITE, "yertle").uid_number >= lay.FIRST_ID
+
+
 # --- clusters ---------------------------------------------------------------------------
 def test_ensure_cluster_creates_the_branch_once(site: Site) -> None:
     c = "greenfish.seuss.usher.test"
@@ -120,6 +131,32 @@ def test_ensure_cluster_creates_the_branch_once(site: Site) -> None:
     assert groups["admin"].members == ("seuss",) and groups["seuss"].linked
     assert groups["admin"].gid_number >= lay.FIRST_ID
     assert groups["admin"].gid_number != groups["power"].gid_number
+
+
+def test_ensure_cluster_called_twice_at_once_makes_one_branch(site: Site) -> None:
+    c = "greenfish.seuss.usher.test"
+    sessions = [site.service(), site.service()]
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def ensure(session: Directory) -> None:
+        barrier.wait()
+        try:
+            session.ensure_cluster(c, "seuss")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=ensure, args=(s,)) for s in sessions]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(10)
+    for session in sessions:
+        session.close()
+    assert errors == []
+    with site.anonymous() as anonymous:
+        assert {g.name: g.members for g in anonymous.list_groups(c)} == {
+            "admin": ("seuss",), "power": (), "seuss": ()}
 
 
 def test_ensure_cluster_repairs_a_partial_branch(site: Site) -> None:
@@ -540,6 +577,11 @@ def test_usher_users(site: Site) -> None:
         assert service.find_usher_user("yertle") is not None
     with Directory.bind_user(site.url, SITE, SITE, "yertle", "king-of-the-pond"):
         pass
+    with site.admin() as admin:
+        admin.delete_user(SITE, "yertle")
+    with site.service() as service:
+        assert service.find_usher_user("yertle") is None
+    assert b"yertle" not in site.snapshot()[site.layout.usher_users_dn].get("memberuid", [])
     with site.user(SITE, "seuss") as session:
         with pytest.raises(PermissionDenied):
             session.find_usher_user("seuss")
