@@ -107,6 +107,18 @@ class UshConfig:
     reconnect_max_s: float = _f(30.0, "longest automatic reconnect delay")
 
 
+@dataclass
+class ToolsConfig:
+    """``usher_*`` tools settings, layered ``/etc/usher/usertools.config`` <
+    ``~/.usher/usertools.config`` < ``$USHER_TOOLS_CONFIG``."""
+
+    ldap_url: str = _f("ldap://localhost", "the site's directory server")
+    site_domain: str = _f("", "the site's DNS domain (its directory suffix follows from it)")
+    cluster: str = _f("", "default cluster (default: the cluster of this host's name)")
+    user: str = _f("", "who runs the tools (default: the login name)")
+    password_file: str = _f("", "read the caller's password from this file (mode 600)")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -181,6 +193,20 @@ def _toml_value(value: Any) -> str:
         return "{" + ", ".join(f"{_toml_value(k)} = {_toml_value(v)}"
                                for k, v in value.items()) + "}"
     raise TypeError(f"cannot render {value!r} as TOML")
+
+
+def load_tools_config(env: dict[str, str], home: Path) -> ToolsConfig:
+    """Layer the usher_* tools' config files (each overrides the one before)."""
+    config = ToolsConfig()
+    paths = [Path("/etc/usher/usertools.config"), home / ".usher" / "usertools.config"]
+    if env.get("USHER_TOOLS_CONFIG"):
+        paths.append(Path(env["USHER_TOOLS_CONFIG"]))
+        if not paths[-1].exists():
+            raise ConfigError(f"USHER_TOOLS_CONFIG names {paths[-1]}, which does not exist")
+    for path in paths:
+        if path.exists():
+            config = load_toml(ToolsConfig, path, config)
+    return config
 
 
 def load_ush_config(env: dict[str, str], home: Path) -> UshConfig:
