@@ -1,11 +1,14 @@
 """``usher demo``: a whole local site in the foreground, for trying usher out.
 
-It initialises a site in DIR (config, CA, SQLite database), adds a demo user
-with a generated password, starts the controller and N node managers on fake
-hosts of different sizes (libvirt test-driver host files in DIR), waits until
-every host has registered, then writes ``DIR/ush.config`` (mode 600: it holds
-the password) and ``DIR/demo.json`` and runs until SIGINT or SIGTERM, when it
-stops every process it started, by PID, and waits for each.
+It initialises a site in DIR (config, CA, SQLite database), starts a
+throwaway slapd (Debian's slapd, with usher's schema and ACLs) holding the
+site directory, adds a demo user (an Usher user, who logs in to ush with the
+directory password) and the site admin, starts the controller and N node
+managers on fake hosts of different sizes (libvirt test-driver host files in
+DIR), waits until every host has registered, then writes ``DIR/ush.config``
+(mode 600: it holds the password), ``DIR/usertools.config`` (for the
+``usher_*`` tools) and ``DIR/demo.json``, and runs until SIGINT or SIGTERM,
+when it stops every process it started, by PID, and waits for each.
 
 Running it again on the same DIR keeps the site: the database, the users and
 the fake hosts with their domains.
@@ -24,7 +27,17 @@ import sys
 import time
 from pathlib import Path
 
-from usher.config import ControllerConfig, LnmConfig, UshConfig, load_toml, to_toml
+from usher.config import (
+    ControllerConfig,
+    LnmConfig,
+    ToolsConfig,
+    UshConfig,
+    load_toml,
+    to_toml,
+)
+from usher.directory.client import Directory
+from usher.directory.layout import Layout
+from usher.directory.slapd import Slapd
 from usher.errors import Unavailable
 from usher.protocol.pki import SitePki, issue_host_cert_files
 
@@ -51,6 +64,7 @@ class Demo:
         self.lnms = lnms
         self.port = port
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.slapd: Slapd | None = None
 
     def setup(self) -> dict[str, object]:
         d = self.dir
@@ -74,6 +88,8 @@ class Demo:
             secret.touch(mode=0o600)
             secret.write_text(password + "\n")
         password = secret.read_text().strip()
+        directory = self._directory(cfg, config, password)
+        cfg = load_toml(ControllerConfig, config)
         pki = SitePki(ca_cert=Path(cfg.ca_cert), ca_key=Path(cfg.ca_key),
                           controller_cert=Path(cfg.cert), controller_key=Path(cfg.key))
         hosts = []
@@ -100,12 +116,47 @@ class Demo:
         ush_path.touch(mode=0o600)
         os.chmod(ush_path, 0o600)
         ush_path.write_text(to_toml(ush))
+        tools_path = d / "usertools.config"
+        tools_path.write_text(to_toml(ToolsConfig(ldap_url=cfg.ldap_url, site_domain=SITE,
+                                                  cluster=f"{USER}.{SITE}", user=USER)))
         return {"site_domain": SITE, "user": USER, "user_domain": f"{USER}.{SITE}",
+                "directory": directory, "usertools_config": str(tools_path),
                 "password_file": str(secret), "ush_config": str(ush_path),
                 "controller": {"address": f"127.0.0.1:{cfg.listen_port}",
                                "config": str(config), "database": cfg.database_url,
                                "ca_cert": cfg.ca_cert},
-                "hosts": hosts, "services": {"controller": f"127.0.0.1:{cfg.listen_port}"}}
+                "hosts": hosts, "services": {"controller": f"127.0.0.1:{cfg.listen_port}",
+                                             "ldap": cfg.ldap_url}}
+
+    def _directory(self, cfg: ControllerConfig, config: Path, password: str) -> dict[str, str]:
+        """Start the site's slapd; make the demo user and the site admin Usher users."""
+        state = self.dir / "state"
+        secrets_ = {name: _secret(state / f"ldap-{name}.password")
+                    for name in ("root", "admin", "service")}
+        port_file = self.dir / "ldap" / "port"
+        port = int(port_file.read_text()) if port_file.exists() else _free_port()
+        self.slapd = Slapd(self.dir / "ldap", SITE, root_password=secrets_["root"],
+                           admin_password=secrets_["admin"],
+                           service_password=secrets_["service"], port=port)
+        url = self.slapd.start()
+        port_file.write_text(str(port))
+        admin_dn = Layout.for_site(SITE).site_admin_dn
+        site_admin_password = (state / "siteadmin.password").read_text().strip()
+        admin = Directory.connect(url, SITE, admin_dn, secrets_["admin"])
+        try:
+            for uid, name, pw in ((USER, "Theodor Seuss Geisel", password),
+                                  ("siteadmin", "Site Admin", site_admin_password)):
+                if admin.find_usher_user(uid) is None:
+                    admin.add_usher_user(uid, name, pw)
+        finally:
+            admin.close()
+        if not cfg.ldap_url or cfg.ldap_url != url:
+            cfg.ldap_url = url
+            cfg.ldap_service_password_file = str(state / "ldap-service.password")
+            cfg.site_admins = ["siteadmin"]
+            config.write_text(to_toml(cfg))
+        return {"url": url, "suffix": Layout.for_site(SITE).suffix, "admin_dn": admin_dn,
+                "admin_password_file": str(state / "ldap-admin.password")}
 
     def start(self, info: dict[str, object]) -> None:
         py = sys.executable
@@ -147,6 +198,11 @@ class Demo:
     def stop(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.dir / "demo.json").unlink()
+        self.stop_processes()
+        if self.slapd is not None:
+            self.slapd.stop()
+
+    def stop_processes(self) -> None:
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -157,6 +213,15 @@ class Demo:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def _secret(path: Path) -> str:
+    """A generated password kept in ``path`` (mode 600), made on first use."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(16) + "\n")
+    return path.read_text().strip()
 
 
 def _wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes]) -> None:

@@ -123,6 +123,8 @@ class Site:
         for proc in self.lnm_procs.values():
             self.kill(proc, signal.SIGTERM)
         self.kill(self.controller, signal.SIGTERM)
+        if self.demo.slapd is not None:
+            self.demo.slapd.stop()
 
     def log(self, name: str) -> str:
         path = self.dir / "logs" / name

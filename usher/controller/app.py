@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from usher.config import ControllerConfig
 from usher.controller import db as dbmod
-from usher.controller.auth import LoginLimiter, UserStore
+from usher.controller.auth import Authenticator, LoginLimiter, UserStore
 from usher.controller.context import Context, NodeLinks, Sessions
 from usher.controller.events import EventBus, load_plugins
 from usher.controller.hosts import HostService
@@ -43,8 +43,7 @@ class Controller:
     def __init__(self, config: ControllerConfig) -> None:
         self.config = config
         self.address: tuple[str, int] | None = None
-        self._sweeper: asyncio.Task[None] | None = None
-        self._reconciler: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []  # background loops
 
     async def start(self) -> tuple[str, int]:
         cfg = self.config
@@ -63,8 +62,16 @@ class Controller:
         await db.run(self.vms.load_replies)
         loaded = load_plugins(ctx.bus, cfg, ctx)
         log.info("plugins: %s", ", ".join(loaded) or "none")
-        users = UserStore(db, LoginLimiter(cfg.login_max_failures, cfg.login_window_s,
-                                              max_per_address=cfg.login_max_failures_per_address))
+        limiter = LoginLimiter(cfg.login_max_failures, cfg.login_window_s,
+                               max_per_address=cfg.login_max_failures_per_address)
+        users: Authenticator
+        if cfg.ldap_url:
+            from usher.controller.directory import DirectoryLink
+
+            ctx.directory = users = DirectoryLink(cfg, db, limiter)
+            self._tasks.append(asyncio.create_task(ctx.directory.replay_outbox()))
+        else:
+            users = UserStore(db, limiter)
         ssl_context = tls.server_context(cfg.cert, cfg.key, cfg.ca_cert)
         self.server = ControllerServer(ctx, users, self.vms, self.hosts, ssl_context,
                                        self._issue_host_cert)
@@ -73,8 +80,8 @@ class Controller:
         for host in reg.hosts.values():
             self.hosts._lost_timers[host.name] = loop.call_later(
                 cfg.host_lost_after_s, self.hosts._lose, host.name)
-        self._sweeper = asyncio.create_task(self._sweep_deadlines())
-        self._reconciler = asyncio.create_task(self._reconcile_periodically())
+        self._tasks += [asyncio.create_task(self._sweep_deadlines()),
+                        asyncio.create_task(self._reconcile_periodically())]
         ctx.fire("ctrl_start", subject=cfg.site_domain)
         log.info("controller for %s listening on %s:%d (%d VMs, %d hosts, %d open tasks)",
                  cfg.site_domain, *self.address, len(reg.vms), len(reg.hosts),
@@ -133,9 +140,10 @@ class Controller:
         return cert.decode(), key.decode()
 
     async def stop(self) -> None:
-        for task in (self._sweeper, self._reconciler):
-            if task is not None:
-                task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        if self.ctx.directory is not None:
+            self.ctx.directory.close()
         await self.server.stop()
         await self.vms.stop()
         await self.ctx.bus.drain(2.0)

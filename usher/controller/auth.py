@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -54,6 +55,15 @@ class Identity:
     user: str
     site_admin: bool
     usher: bool
+
+
+class Authenticator(Protocol):
+    """Whatever checks logins: the embedded user table or the directory."""
+
+    async def authenticate(self, user: str, password: str, address: str) -> Identity:
+        """The caller's identity; :class:`AuthenticationFailed`, :class:`RateLimited`
+        or :class:`PermissionDenied` otherwise."""
+        ...
 
 
 class LoginLimiter:

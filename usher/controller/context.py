@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
@@ -25,6 +25,9 @@ from usher.controller.state import Registry, TaskRec, VmRec
 from usher.errors import HostUnavailable
 from usher.protocol.connection import Connection
 from usher.protocol.ops import VmStateMsg
+
+if TYPE_CHECKING:
+    from usher.controller.directory import DirectoryLink
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,7 @@ class Context:
     bus: EventBus
     nodes: NodeLinks
     sessions: Sessions
+    directory: DirectoryLink | None = None  # the site directory, when configured
 
     def db_background(self, job: Callable[[Session], Any]) -> None:
         """Journal ``job`` without waiting for it (state seen by events); failures log."""

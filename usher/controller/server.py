@@ -28,7 +28,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from sqlalchemy.orm import Session
 
-from usher.controller.auth import Identity, UserStore
+from usher.controller.auth import Authenticator, Identity
 from usher.controller.context import Context
 from usher.controller.hosts import HostService
 from usher.controller.models import JoinToken
@@ -57,7 +57,7 @@ SOFTWARE = "usher-controller/0.1"
 class ControllerServer:
     """Accepts connections and turns them into client or node sessions."""
 
-    def __init__(self, ctx: Context, users: UserStore, vms: VmService, hosts: HostService,
+    def __init__(self, ctx: Context, users: Authenticator, vms: VmService, hosts: HostService,
                  ssl_context: ssl.SSLContext, issue_host_cert: Callable[[str], tuple[str, str]]
                  ) -> None:
         self.ctx = ctx

@@ -539,6 +539,11 @@ class VmService:
         host = vm.host
         assert host is not None or op == "destroy"
         if op == "start":
+            if task.created_vm and self.ctx.directory is not None:
+                # The directory provider: the cluster's branch, its creator an admin.
+                outcome = await self.ctx.directory.ensure_cluster(vm.cluster, vm.owner, task.id)
+                if outcome != "exists":
+                    self._progress(task, f"directory branch of {vm.cluster}: {outcome}")
             failpoints.hit("start.dispatch")
             dom: DomainMsg = await nodes.call(host, "node.define",  # type: ignore[arg-type]
                                               DefineArgs(spec=self._spec(vm, task)))

@@ -1436,6 +1436,30 @@ class Directory:
             return None
         return self._user_from(home, linked=False)
 
+    def check_password(self, uid: str, password: str) -> bool:
+        """Whether ``password`` is ``uid``'s, wherever their home entry is.
+
+        For telling a cluster user who tries to log in to ush that they are
+        not an Usher user, without telling anyone else whether the name
+        exists. The bound account must be able to search people (the
+        controller's may).
+
+        Raises:
+            InvalidName: a malformed uid.
+            Unavailable: the server does not answer.
+        """
+        login = validate_login(uid)
+        homes = [e for e in self._search(
+            self.layout.clusters_dn, filter_and(_PERSON_FILTER, filter_eq("uid", login)),
+            SUBTREE, ["uid"], action=f"look up {login}") if not e.is_alias]
+        if len(homes) != 1 or not password:
+            return False
+        try:
+            Directory.connect(self.url, self.layout.site, homes[0].dn, password).close()
+        except AuthenticationFailed:
+            return False
+        return True
+
     def add_usher_user(self, uid: str, full_name: str, password: str, *,
                        shell: str = DEFAULT_SHELL, keys: Iterable[str] = ()) -> DirectoryUser:
         """Create an Usher user: a person homed in the site cluster, in the Usher-users group.
