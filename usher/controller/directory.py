@@ -36,7 +36,14 @@ from usher.controller.auth import Identity, LoginLimiter
 from usher.controller.db import Database
 from usher.controller.models import Outbox
 from usher.directory.client import Directory
-from usher.errors import AuthenticationFailed, ConfigError, PermissionDenied, Unavailable
+from usher.errors import (
+    AuthenticationFailed,
+    ConfigError,
+    InvalidName,
+    PermissionDenied,
+    Unavailable,
+)
+from usher.names import validate_login
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,6 +99,10 @@ class DirectoryLink:
         return Identity(user=verdict, site_admin=verdict in self.config.site_admins, usher=True)
 
     def _login(self, name: str, password: str) -> str:
+        try:
+            validate_login(name)
+        except InvalidName:  # no such user can exist; answer as for any bad login
+            raise AuthenticationFailed("login failed: wrong user name or password") from None
         service = self._service()
         try:
             found = service.find_usher_user(name)
