@@ -1,0 +1,1 @@
+"""Tests of the usher_* tools, run as processes against a real slapd."""
