@@ -47,6 +47,21 @@ def test_demo_runs_a_site_and_stops_everything(tmp_path: Path, sig: int) -> None
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert "demo1" in out.stdout and "vmm3.usher.test" in out.stdout
+        # The directory: demo.json names it, and the usher_* tools work out of the box
+        # in the cluster the first VM created (seuss is its admin).
+        assert info["directory"]["url"].startswith("ldap://127.0.0.1:")
+        assert info["directory"]["suffix"] == "dc=usher,dc=test"
+        tools = {**env, "USHER_TOOLS_CONFIG": info["usertools_config"]}
+        password = Path(info["password_file"]).read_text().strip()
+        bin_dir = Path(sys.executable).parent
+        added = subprocess.run([str(bin_dir / "usher_useradd"), "--password-stdin",
+                                "--full-name", "Sam I Am", "sam"],
+                               input=f"{password}\nham-and-eggs-1\n", env=tools,
+                               capture_output=True, text=True, timeout=60)
+        assert added.returncode == 0, added.stderr
+        listed = subprocess.run([str(bin_dir / "usher_userlist"), "-l"], env=tools,
+                                capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0 and "sam" in listed.stdout and "seuss" in listed.stdout
     finally:
         proc.send_signal(sig)
         proc.wait(30)
