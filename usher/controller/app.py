@@ -25,7 +25,8 @@ from usher.controller.auth import Authenticator, LoginLimiter, UserStore
 from usher.controller.context import Context, NodeLinks, Sessions
 from usher.controller.events import EventBus, load_plugins
 from usher.controller.hosts import HostService
-from usher.controller.models import Host, Task, Vm
+from usher.controller.ipam import IpamProvider
+from usher.controller.models import Host, IpRange, Task, Vm
 from usher.controller.providers import PlacementProvider, ProviderChain
 from usher.controller.server import ControllerServer
 from usher.controller.service import VmService
@@ -52,8 +53,9 @@ class Controller:
         db = dbmod.Database(engine)
         reg = Registry()
         placement = PlacementProvider(reg)
+        self.ipam = IpamProvider()
         self.ctx = ctx = Context(config=cfg, db=db, reg=reg, placement=placement,
-                                 providers=ProviderChain([placement]),
+                                 providers=ProviderChain([placement, self.ipam]),
                                  bus=EventBus(cfg.plugin_timeout_s), nodes=NodeLinks(),
                                  sessions=Sessions())
         self.vms = VmService(ctx)
@@ -90,6 +92,7 @@ class Controller:
 
     def _load(self, session: Session) -> None:
         reg = self.ctx.reg
+        self.ipam.load(session)
         for h in session.scalars(select(Host)):
             reg.hosts[h.name] = HostRec(
                 name=h.name, state=h.state, disabled=h.disabled, hypervisor=h.hypervisor,
@@ -115,6 +118,12 @@ class Controller:
                 vm.task = task.id
                 if task.op == "migrate" and task.target and vm.host != task.target:
                     reg.hold(task.target, vm)
+
+    async def reload_ranges(self) -> None:
+        """Read the IP ranges again (SIGHUP, after ``usher-controller range``)."""
+        rows = await self.ctx.db.run(lambda s: list(s.scalars(select(IpRange))))
+        self.ipam.set_ranges(rows)  # on the loop: atomic with reservations
+        log.info("IP ranges reloaded: %s", ", ".join(sorted(self.ipam.ranges)) or "none")
 
     async def _sweep_deadlines(self) -> None:
         """End tasks whose deadline passed while no runner was working on them."""

@@ -5,6 +5,9 @@
     usher-controller [--config PATH] init --site DOMAIN [--admin NAME] [--state-dir DIR]
     usher-controller [--config PATH] db upgrade
     usher-controller [--config PATH] user add|passwd|del|list ...
+    usher-controller [--config PATH] range add NAME CIDR [--gateway IP] [--vlan N]
+                                           [--default] [--allow USER ...]
+    usher-controller [--config PATH] range list | del NAME
     usher-controller [--config PATH] join-token HOSTNAME
     usher-controller [--config PATH] [serve]
 
@@ -29,7 +32,7 @@ from pathlib import Path
 
 from usher import failpoints
 from usher.config import DEFAULT_CONTROLLER_CONFIG, ControllerConfig, load_toml, to_toml
-from usher.controller import auth
+from usher.controller import auth, ipam
 from usher.controller import db as dbmod
 from usher.controller.models import JoinToken
 from usher.errors import ConfigError, InvalidRequest, UsherError
@@ -139,6 +142,34 @@ def cmd_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_range(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    db = _database(cfg)
+    try:
+        if args.range_cmd == "add":
+            own = ipam.host_networks()
+            row = db.run_sync(lambda s: ipam.add_range(
+                s, args.name, args.cidr, gateway=args.gateway, vlan=args.vlan,
+                default=args.default, allow=args.allow, own=own))
+            print(f"IP range {row.name} ({row.cidr}, gateway {row.gateway or '-'}) added; "
+                  f"send the controller SIGHUP (or restart it) to use it")
+        elif args.range_cmd == "del":
+            db.run_sync(lambda s: ipam.delete_range(s, args.name))
+            print(f"IP range {args.name} deleted; send the controller SIGHUP (or restart it)")
+        else:
+            print(f"{'NAME':<16} {'CIDR':<20} {'GATEWAY':<16} {'VLAN':<5} {'LEASES':>6}  "
+                  f"DEFAULT ACCESS")
+            for r, leases in db.run_sync(ipam.list_ranges):
+                rec = ipam.range_rec(r)
+                access = ",".join(sorted(rec.users) + [f"@{g}" for g in sorted(rec.groups)])
+                print(f"{r.name:<16} {r.cidr:<20} {r.gateway or '-':<16} "
+                      f"{r.vlan if r.vlan is not None else '-':<5} {leases:>6}  "
+                      f"{'yes' if r.is_default else 'no':<7} {access or '-'}")
+    finally:
+        db.close()
+    return 0
+
+
 def cmd_join_token(args: argparse.Namespace) -> int:
     cfg = _config(args)
     hostname = validate_domain(args.hostname)
@@ -167,6 +198,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        reloads: set[asyncio.Task[None]] = set()
+
+        def reload() -> None:
+            task = asyncio.create_task(controller.reload_ranges())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
         await stop.wait()
         log.info("stopping")
         await controller.stop()
@@ -204,6 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
                             help="may log in but not create VMs")
     usub.add_parser("del", help="delete a user").add_argument("name")
     usub.add_parser("list", help="list users")
+    rng = sub.add_parser("range", help="IP ranges VMs take their addresses from")
+    rsub = rng.add_subparsers(dest="range_cmd", required=True)
+    radd = rsub.add_parser("add", help="add an IP range (not overlapping this machine's)")
+    radd.add_argument("name")
+    radd.add_argument("cidr", help="e.g. 10.20.0.0/24 or fd00:20::/64")
+    radd.add_argument("--gateway", help="gateway address (default: the first address)")
+    radd.add_argument("--vlan", type=int, help="VLAN id (stored; not yet used)")
+    radd.add_argument("--default", action="store_true",
+                      help="VMs started without --ip_range use this range")
+    radd.add_argument("--allow", nargs="+", metavar="USER",
+                      help="users who may use it (default: * = everyone)")
+    rsub.add_parser("list", help="list IP ranges and their lease counts")
+    rsub.add_parser("del", help="delete an IP range without leases").add_argument("name")
     jt = sub.add_parser("join-token", help="make a one-time token a new host joins with")
     jt.add_argument("hostname")
     sub.add_parser("serve", help="run the daemon (the default)")
@@ -214,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    commands = {"init": cmd_init, "db": cmd_db, "user": cmd_user, "join-token": cmd_join_token,
+    commands = {"init": cmd_init, "db": cmd_db, "user": cmd_user, "range": cmd_range,
+                "join-token": cmd_join_token,
                 "serve": cmd_serve, None: cmd_serve}
     try:
         return commands[args.cmd](args)

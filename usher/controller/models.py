@@ -105,6 +105,31 @@ class Task(Base):
     finished: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
+class IpRange(Base):
+    """A range of addresses VMs are given (issue 4); ``access`` is a JSON object
+    ``{"users": [...], "groups": [...]}`` naming who may use it (``*``: everyone)."""
+
+    __tablename__ = "ip_ranges"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cidr: Mapped[str] = mapped_column(String(49))
+    gateway: Mapped[str | None] = mapped_column(String(45), nullable=True)
+    vlan: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    family: Mapped[int] = mapped_column(Integer)  # 4 or 6
+    is_default: Mapped[bool] = mapped_column(Boolean, default=False)
+    access: Mapped[str] = mapped_column(Text, default='{"users": ["*"], "groups": []}')
+    created: Mapped[float] = mapped_column(Float)
+
+
+class Lease(Base):
+    """An address of a range held by one VM, written with the VM's row."""
+
+    __tablename__ = "leases"
+    address: Mapped[str] = mapped_column(String(45), primary_key=True)
+    range_name: Mapped[str] = mapped_column(String(64), index=True)
+    vm_uuid: Mapped[str] = mapped_column(String(36), unique=True)
+    created: Mapped[float] = mapped_column(Float)
+
+
 class RequestRecord(Base):
     """The reply to a mutation, kept so a resent request id returns it again."""
 

@@ -7,7 +7,9 @@ checks before it. ``commit`` runs when the VM exists; ``release`` undoes a
 reservation, on failure or on destroy, and must be safe to call twice. A
 provider that cannot reserve raises an :class:`UsherError` and every provider
 that had reserved before it is released, so a failed start leaves nothing
-behind.
+behind. A provider that must journal something with the VM contributes rows
+through ``rows`` (written in the same transaction as the VM's row) and names
+in ``vm_tables`` the tables whose rows go with the VM when it is removed.
 
 Placement is the first provider: it fits memory and vcpus, prefers the host
 with the most free memory, honours ``--vmm``, and says which resource is
@@ -19,9 +21,15 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Table
 
 from usher.controller.state import HostRec, Registry, VmRec
 from usher.errors import HostNotFound, HostUnavailable, NoCapacity
+
+Row = dict[str, Any]
+"""A row as a plain dict, for a Core INSERT."""
 
 
 @dataclass(slots=True)
@@ -32,6 +40,8 @@ class Placement:
     vmm: str | None = None  # host asked for by the caller
     host: str | None = None  # chosen host
     exclude: frozenset[str] = frozenset()
+    ip_range: str | None = None  # --ip_range
+    ip: str | None = None  # --ip
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -39,6 +49,8 @@ class Provider(abc.ABC):
     """One resource a VM needs; see the module docstring for the contract."""
 
     name: str
+    vm_tables: tuple[Table, ...] = ()
+    """Tables whose rows (keyed by a ``vm_uuid`` column) are deleted with the VM."""
 
     @abc.abstractmethod
     def reserve(self, placement: Placement) -> None:
@@ -46,6 +58,10 @@ class Provider(abc.ABC):
 
     def commit(self, placement: Placement) -> None:  # noqa: B027 - optional hook
         """The VM now exists: make the reservation durable (default: nothing)."""
+
+    def rows(self, vm: VmRec) -> list[tuple[Table, Row]]:
+        """Rows to insert in the same transaction as new VM ``vm``'s row (default: none)."""
+        return []
 
     @abc.abstractmethod
     def release(self, vm: VmRec) -> None:
@@ -128,6 +144,13 @@ class ProviderChain:
             for provider in reversed(done):
                 provider.release(placement.vm)
             raise
+
+    def rows(self, vm: VmRec) -> list[tuple[Table, Row]]:
+        return [row for provider in self.providers for row in provider.rows(vm)]
+
+    @property
+    def vm_tables(self) -> list[Table]:
+        return [t for provider in self.providers for t in provider.vm_tables]
 
     def commit(self, placement: Placement) -> None:
         for provider in self.providers:

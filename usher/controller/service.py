@@ -39,7 +39,7 @@ from usher.controller.auth import Identity
 from usher.controller.context import Context
 from usher.controller.events import EventData
 from usher.controller.models import RequestRecord, Task, Transition, Vm
-from usher.controller.providers import Placement
+from usher.controller.providers import Placement, Row
 from usher.controller.state import TaskRec, VmRec
 from usher.errors import (
     Conflict,
@@ -331,7 +331,9 @@ class VmService:
                                since=now, reason="")
                     self.reg.add_vm(vm)
                     new_vms.append(vm)
-                    self.ctx.providers.reserve(Placement(vm=vm, vmm=options.vmm))
+                    self.ctx.providers.reserve(Placement(vm=vm, vmm=options.vmm,
+                                                        ip_range=options.ip_range,
+                                                        ip=options.ip))
                     task = self._new_task("start", identity, vm, now, created_vm=True)
                 elif not acts:
                     existing = self.reg.tasks.get(vm.task) if vm.task else None
@@ -468,12 +470,18 @@ class VmService:
         accepted = Accepted(tasks=[t.info() for t in tasks])
         vm_rows = [_vm_row(vm) for vm in new_vms]
         task_rows = [_task_row(t) for t in fresh]
+        provided: dict[Table, list[Row]] = {}  # leases and the like, with their VM
+        for vm in new_vms:
+            for table, row in self.ctx.providers.rows(vm):
+                provided.setdefault(table, []).append(row)
         reply = frames.encode(accepted)
 
         request = dict(user=user, request_id=request_id, op=op, reply=reply, created=now)
 
         def write(session: Session) -> None:
             _insert(session, _VMS, vm_rows)
+            for table, rows in provided.items():
+                _insert(session, table, rows)
             _insert(session, _TASKS, task_rows)
             _insert(session, _TRANSITIONS, transitions)
             _insert(session, _REQUESTS, [request])
@@ -667,9 +675,12 @@ class VmService:
         row = _transition_row(vm, vm.state, "destroyed",
                               f"destroy task {task.id}" if task else "failed start", _now())
         uuid = vm.uuid
+        vm_tables = self.ctx.providers.vm_tables
 
         def write(session: Session) -> None:
             session.execute(delete(_VMS).where(_VMS.c.uuid == uuid))
+            for table in vm_tables:
+                session.execute(delete(table).where(table.c.vm_uuid == uuid))
             _insert(session, _TRANSITIONS, [row])
 
         await self.ctx.db.run(write)
@@ -757,9 +768,8 @@ def _vm_values(vm: VmRec) -> dict[Any, Any]:
                 reason=vm.reason, ip=vm.ip)
 
 
-# Rows as plain dicts for Core INSERTs: the hot path skips the ORM's unit of work.
-Row = dict[str, Any]
-
+# Rows are plain dicts (providers.Row) for Core INSERTs: the hot path skips the
+# ORM's unit of work.
 
 def _vm_row(vm: VmRec) -> Row:
     return dict(uuid=vm.uuid, name=vm.name, cluster=vm.cluster, owner=vm.owner, host=vm.host,

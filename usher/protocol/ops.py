@@ -36,6 +36,8 @@ class StartOptions(_S):
     ram: int | None = None  # MiB
     vcpus: int | None = None
     vmm: str | None = None  # pin to this host
+    ip_range: str | None = None  # take the address from this IP range (else the default)
+    ip: str | None = None  # this address of the range (else the lowest free one)
 
 
 class TaskInfo(_S):

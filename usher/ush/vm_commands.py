@@ -67,7 +67,7 @@ start VM(s) (creating if necessary)
 A name that is not a VM yet creates one: usher registers it, reserves its
 address, defines it on a host and boots it. A stopped or crashed VM boots
 again; a hibernated VM is restored. A VM already running or starting is left
-as it is. --ram, --vcpus and --vmm apply to VMs being created.
+as it is. --ram, --vcpus, --vmm, --ip_range and --ip apply to VMs being created.
 
 example:
   start redfish.sneetch
@@ -78,12 +78,17 @@ example:
                               help="virtual CPUs of a new VM (default: the site's)")
     start_parser.add_argument("--vmm", metavar="HOST", choices_provider=host_name_choices,
                               help="create the VM on this VMM (see vmm_list)")
+    start_parser.add_argument("--ip_range", metavar="NAME",
+                              help="take the address from this IP range (default: the "
+                                   "site's default range)")
+    start_parser.add_argument("--ip", metavar="ADDR",
+                              help="this address of the range (default: the lowest free one)")
 
     @with_argparser(start_parser)
     def do_start(self, args: argparse.Namespace) -> None:
         """start VM(s) (creating if necessary)"""
         self._mutate(lambda c: c.start(args.names, ram=args.ram, vcpus=args.vcpus,
-                                       vmm=args.vmm))
+                                       vmm=args.vmm, ip_range=args.ip_range, ip=args.ip))
 
     # --------------------------------------------------- lifecycle verbs
     shutdown_parser = names_parser("""\

@@ -1,0 +1,85 @@
+"""IP leases through a real in-process controller: concurrent starts, exhaustion, release."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy import func, select
+
+from tests.integration.conftest import RunningController
+from usher.client import AsyncClient
+from usher.controller import db as dbmod
+from usher.controller import ipam
+from usher.controller.models import Lease
+from usher.errors import NoCapacity
+from usher.protocol.ops import TaskInfo
+
+
+async def _client(controller: RunningController) -> AsyncClient:
+    client = AsyncClient(controller.host, controller.port, ca_cert=str(controller.ca),
+                         user=controller.user, password=controller.password,
+                         server_hostname="localhost")
+    await client.connect()
+    return client
+
+
+def _leases(controller: RunningController) -> dict[str, str]:
+    db = dbmod.Database(dbmod.make_engine(controller.cfg.database_url))
+    try:
+        return db.run_sync(lambda s: {lease.vm_uuid: lease.address
+                                      for lease in s.scalars(select(Lease))})
+    finally:
+        db.close()
+
+
+async def test_concurrent_starts_share_a_range_without_duplicates(
+        controller: RunningController) -> None:
+    # The range is written the way 'usher-controller range add' does, then the
+    # controller reloads it (what SIGHUP does).
+    db = controller.ctrl.ctx.db
+    await db.run(lambda s: ipam.add_range(s, "lab", "10.77.0.0/26", default=True))
+    await controller.ctrl.reload_ranges()
+    await controller.start_node("h1.usher.test", cpus=64, memory_mib=1 << 20)
+    client = await _client(controller)
+    try:
+        results = await asyncio.gather(
+            *(client.start([f"v{i}"], ram=64) for i in range(100)), return_exceptions=True)
+        ok = [r for r in results if isinstance(r, list)]
+        failed = [r for r in results if not isinstance(r, list)]
+        assert len(ok) == 61, failed[:3]
+        assert all(isinstance(e, NoCapacity) and "IP range lab" in e.message for e in failed)
+        tasks: list[TaskInfo] = [t for r in ok for t in r]
+        await client.wait_all(tasks, 10)
+        vms = {v.name.split(".")[0]: v for v in await client.list_vms()}
+        addresses = [v.ip for v in vms.values()]
+        assert len(vms) == 61 and len(set(addresses)) == 61
+        assert "10.77.0.1" not in addresses and None not in addresses
+        leases = _leases(controller)
+        assert leases == {v.uuid: v.ip for v in vms.values()}  # none for a failed start
+
+        victim = sorted(vms.values(), key=lambda v: v.name)[0]
+        await client.wait_all(await client.destroy([victim.name + "."]), 10)
+        assert victim.uuid not in _leases(controller)
+        await client.wait_all(await client.start(["again"], ram=64), 10)
+        [again] = await client.list_vms(["again"])
+        assert again.ip == victim.ip
+    finally:
+        await client.close()
+
+
+async def test_requested_address_and_count(controller: RunningController) -> None:
+    db = controller.ctrl.ctx.db
+    await db.run(lambda s: ipam.add_range(s, "lab", "10.78.0.0/24"))
+    await controller.ctrl.reload_ranges()
+    await controller.start_node("h1.usher.test")
+    client = await _client(controller)
+    try:
+        await client.wait_all(await client.start(["pinned"], ram=64, ip_range="lab",
+                                                 ip="10.78.0.42"), 10)
+        await client.wait_all(await client.start(["plain"], ram=64), 10)
+        vms = {v.name.split(".")[0]: v.ip for v in await client.list_vms()}
+        assert vms == {"pinned": "10.78.0.42", "plain": None}  # no default range
+        count = await db.run(lambda s: s.scalar(select(func.count()).select_from(Lease)))
+        assert count == 1
+    finally:
+        await client.close()
