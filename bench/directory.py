@@ -136,8 +136,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="200 users, 3 clusters, 20 logins")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--users", type=int, help="users to add (default 1000)")
+    p.add_argument("--clusters", type=int, help="clusters to link them into (default 10)")
     args = p.parse_args()
     users, clusters, logins = (200, 3, 20) if args.quick else (1000, 10, 50)
+    users = args.users or users
+    clusters = args.clusters if args.clusters is not None else clusters
     with tempfile.TemporaryDirectory(prefix="usher-bench-dir-") as tmp:
         out = measure(Path(tmp), users, clusters, logins)
     out.update(users=users, clusters=clusters)

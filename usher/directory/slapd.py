@@ -242,6 +242,7 @@ olcRootDN: {self.root_dn}
 olcRootPW: {hash_password(self._root_password)}
 olcDbMaxSize: 1073741824
 olcDbNoSync: {'FALSE' if self.durable else 'TRUE'}
+olcSizeLimit: unlimited
 olcDbIndex: objectClass eq
 olcDbIndex: uid,cn,memberUid eq
 olcDbIndex: uidNumber,gidNumber eq

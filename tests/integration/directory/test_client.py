@@ -745,3 +745,17 @@ def test_the_site_cluster_and_clusters_outside_the_site(site: Site) -> None:
         site.root().modify(site.layout.person_dn(SITE, "horton"),
                            {"loginShell": [(MODIFY_REPLACE, ["/bin/sh"])]})
         assert admin.get_user(SITE, "horton").shell == "/bin/sh"
+
+
+def test_listing_a_cluster_is_never_truncated(site: Site) -> None:
+    """slapd's default size limit (500 entries) would silently cut a big cluster's list."""
+    cluster = "big.seuss.usher.test"
+    with site.service() as service:
+        service.ensure_cluster(cluster, "seuss")
+    with site.user(SITE, "seuss") as seuss:
+        for i in range(520):
+            seuss.add_user(cluster, f"p{i:04d}", f"Person {i}", None)
+        users = seuss.list_users(cluster)
+    assert len([u for u in users if u.uid.startswith("p")]) == 520
+    with site.anonymous() as anyone:  # as NSS clients and usher_userlist read it
+        assert len([u for u in anyone.list_users(cluster) if u.uid.startswith("p")]) == 520
