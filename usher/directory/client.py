@@ -1159,20 +1159,16 @@ class Directory:
                            " would hide their private group; rename or delete it first",
                            details={"uid": uid, "cluster": cluster})
         number = home.first("uidNumber")
-        clash = [e for e in self._search(
-            site.people_dn(cluster), filter_and(_PERSON_FILTER, filter_eq("uidNumber", number)),
-            LEVEL, ["uid"], deref=True, action=f"check uid numbers in {cluster}")
-            if not _same_dn(e.dn, home.dn)]
+        clash = self._number_users(cluster, site.people_dn(cluster), _PERSON_FILTER,
+                                   "uidNumber", number, home.dn, ["uid"])
         if clash:
             raise Conflict(f"cannot link {uid}: their uid number {number} is already used in"
                            f" {cluster} by {clash[0].first('uid')}; ask the site admin to"
                            " renumber one of them",
                            details={"uid": uid, "cluster": cluster, "uid_number": number})
         gid = home.first("gidNumber")
-        clash = [e for e in self._search(
-            site.groups_dn(cluster), filter_and(_GROUP_FILTER, filter_eq("gidNumber", gid)),
-            LEVEL, ["cn"], deref=True, action=f"check gid numbers in {cluster}")
-            if not _same_dn(e.dn, home_group_dn)]
+        clash = self._number_users(cluster, site.groups_dn(cluster), _GROUP_FILTER,
+                                   "gidNumber", gid, home_group_dn, ["cn"])
         if clash:
             raise Conflict(f"cannot link {uid}: their group number {gid} is already used in"
                            f" {cluster} by group {clash[0].first('cn')}",
@@ -1195,6 +1191,27 @@ class Directory:
                 action=f"link the private group of {uid} into {cluster}", denied=denied,
                 strict=strict)
         return added
+
+    def _number_users(self, cluster: str, container: str, kind: str, attribute: str,
+                      number: str, own_dn: str, attributes: list[str]) -> list[_Entry]:
+        """Entries other than ``own_dn`` that carry ``number`` and are seen in ``container``.
+
+        Two indexed lookups instead of one search through the container with
+        aliases dereferenced, which costs slapd a dereference per link already in
+        the cluster: every entry of the site with the number (normally just the
+        one being linked), then for each other one whether the cluster has it,
+        as its home or through a link.
+        """
+        others = [e for e in self._search(
+            self.layout.clusters_dn, filter_and(kind, filter_eq(attribute, number)), SUBTREE,
+            attributes, action=f"check {attribute} {number}") if not _same_dn(e.dn, own_dn)]
+        seen = []
+        for entry in others:
+            if entry.dn.lower().endswith("," + container.lower()) or self._search(
+                    container, filter_eq("aliasedObjectName", entry.dn), LEVEL, ["1.1"],
+                    action=f"check links in {cluster}"):
+                seen.append(entry)
+        return seen
 
     def _add_link(self, undo: _Undo, dn: str, target: str, attributes: Attributes, *,
                   action: str, denied: PermissionDenied, strict: bool) -> bool:
