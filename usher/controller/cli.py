@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from usher import failpoints
+from usher import failpoints, sdnotify
 from usher.config import DEFAULT_CONTROLLER_CONFIG, ControllerConfig, load_toml, to_toml
 from usher.controller import auth, ipam
 from usher.controller import db as dbmod
@@ -190,10 +190,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     failpoints.arm(os.environ.get("USHER_FAILPOINTS", ""))
+    notify_socket = os.environ.get("NOTIFY_SOCKET", "")  # set by systemd (Type=notify)
 
     async def run() -> None:
         controller = Controller(cfg)
         await controller.start()
+        sdnotify.notify(notify_socket, "READY=1")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -208,6 +210,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGHUP, reload)
         await stop.wait()
         log.info("stopping")
+        sdnotify.notify(notify_socket, "STOPPING=1")
         await controller.stop()
 
     asyncio.run(run())

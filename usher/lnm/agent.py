@@ -67,6 +67,7 @@ class NodeAgent:
         self._conn: Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.registered = asyncio.Event()
+        self.opened = asyncio.Event()  # the hypervisor is open: the agent is serving
         self._qlock = threading.Lock()  # guards the two counters below
         self._queued = 0  # node calls handed to the hypervisor thread, not finished
         self._flushes = 0  # driver flushes done
@@ -85,6 +86,7 @@ class NodeAgent:
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
         await self._call(self.driver.open)
+        self.opened.set()
         self.driver.set_event_callback(self._on_event)
         backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
         try:

@@ -16,10 +16,12 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
+from usher import sdnotify
 from usher.config import DEFAULT_LNM_CONFIG, LnmConfig, load_toml
 from usher.errors import UsherError
 from usher.lnm.agent import NodeAgent
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.memory:
                 changes["fake_memory_mib"] = args.memory
         cfg = dataclasses.replace(cfg, **changes)  # type: ignore[arg-type]
-        asyncio.run(_run(cfg))
+        asyncio.run(_run(cfg, os.environ.get("NOTIFY_SOCKET", "")))
     except UsherError as exc:
         print(f"usher-lnm: {exc.message}", file=sys.stderr)
         return exc.exit_code
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _run(cfg: LnmConfig) -> None:
+async def _run(cfg: LnmConfig, notify_socket: str) -> None:
     import libvirtaio
 
     # libvirt delivers domain events through the asyncio loop; once per process.
@@ -94,7 +96,15 @@ async def _run(cfg: LnmConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await agent.run(stop)
+    runner = asyncio.create_task(agent.run(stop))
+    opened = asyncio.create_task(agent.opened.wait())
+    await asyncio.wait({runner, opened}, return_when=asyncio.FIRST_COMPLETED)
+    opened.cancel()
+    if agent.opened.is_set():
+        # Ready once the hypervisor is open; reaching the controller may take
+        # longer and is retried in the background (VMs are fine meanwhile).
+        sdnotify.notify(notify_socket, "READY=1")
+    await runner
 
 
 if __name__ == "__main__":
