@@ -71,7 +71,10 @@ class ControllerConfig:
     ldap_timeout_s: float = _f(5.0, "a directory call that takes longer fails")
     site_admins: list[str] = _f([], "with a directory: the Usher users who are site admins")
     outbox_retry_s: float = _f(2.0, "first delay before writes to other systems are retried")
-    plugins: list[str] = _f(["audit"], "plugins to load, by name")
+    plugins: list[str] = _f(["audit", "kwargfil"], "plugins to load, by name")
+    kwargfil: dict[str, dict[str, list[str]]] = _f(
+        {"start": {"accept": ["ram", "vcpus", "vmm", "ip_range", "ip"]}},
+        "kwargfil: per event, the options accepted (or dropped) for everyone but site admins")
     plugin_dirs: list[str] = _f([], "directories with site plugin files (*.py)")
     plugin_timeout_s: float = _f(5.0, "each plugin call must finish within this")
     hooks: dict[str, str] = _f({}, "hooks: event name -> executable fed the event as JSON")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+from pathlib import Path
 
 from sqlalchemy import select
 
-from tests.integration.conftest import RunningController
+from tests.integration.conftest import RunningController, write_site
 from usher.client import AsyncClient
+from usher.controller.app import Controller
 from usher.controller.models import Transition
 from usher.lnm.drivers.base import DomainSpec
 
@@ -72,3 +75,24 @@ async def test_events_and_periodic_reconciliation(controller: RunningController)
                    for c in causes)
     finally:
         await client.close()
+
+
+
+async def test_kwargfil_drops_options_the_site_does_not_accept(tmp_path: Path) -> None:
+    cfg, pki = write_site(tmp_path)
+    cfg = dataclasses.replace(cfg, kwargfil={"start": {"accept": ["ram"]}})
+    ctrl = Controller(cfg)
+    host, port = await ctrl.start()
+    running = RunningController(cfg=cfg, ctrl=ctrl, host=host, port=port, pki=pki,
+                                tmp=tmp_path)
+    try:
+        await running.start_node("h1.usher.test", cpus=8)
+        client = await _client(running)
+        try:
+            await client.wait_all(await client.start(["kw"], ram=48, vcpus=4), 10)
+            [vm] = await client.list_vms()
+            assert (vm.memory_mib, vm.vcpus) == (48, cfg.default_vcpus)  # --vcpus dropped
+        finally:
+            await client.close()
+    finally:
+        await running.close()

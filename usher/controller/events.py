@@ -159,7 +159,14 @@ def _audit_setup(bus: EventBus, config: ControllerConfig, services: Any) -> None
     bus.subscribe("*", record)
 
 
-BUILTIN: dict[str, Setup] = {"audit": _audit_setup, "hooks": _hooks_setup}
+def _kwargfil_setup(bus: EventBus, config: ControllerConfig, services: Any) -> None:
+    from usher.controller import kwargfil
+
+    kwargfil.setup(bus, config, services)
+
+
+BUILTIN: dict[str, Setup] = {"audit": _audit_setup, "hooks": _hooks_setup,
+                             "kwargfil": _kwargfil_setup}
 
 
 def load_plugins(bus: EventBus, config: ControllerConfig, services: Any) -> list[str]:

@@ -278,7 +278,8 @@ class VmService:
             if self.ctx.bus.has_handlers(event):
                 options = await self.ctx.bus.request(EventData(
                     name=event, user=identity.user, subject=names[0].fqdn if names else None,
-                    data={"op": op, "names": [n.fqdn for n in names], "options": options}))
+                    data={"op": op, "names": [n.fqdn for n in names], "options": options,
+                          "site_admin": identity.site_admin}))
         return options
 
     # ================================================================= start
