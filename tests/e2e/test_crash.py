@@ -23,11 +23,6 @@ def site(tmp_path: Path):  # type: ignore[no-untyped-def]
         s.close()
 
 
-def _vm(client, name: str):  # type: ignore[no-untyped-def]
-    return {v.name.split(".")[0] if False else v.name: v for v in client.list_vms()}.get(
-        f"{name}.seuss.usher.test")
-
-
 def test_lost_node_manager_then_reconciled(site: Site) -> None:
     c = site.client()
     host0 = site.hosts[0]["name"]

@@ -78,10 +78,8 @@ class Controller:
         self.server = ControllerServer(ctx, users, self.vms, self.hosts, ssl_context,
                                        self._issue_host_cert)
         self.address = await self.server.start()
-        loop = asyncio.get_running_loop()
-        for host in reg.hosts.values():
-            self.hosts._lost_timers[host.name] = loop.call_later(
-                cfg.host_lost_after_s, self.hosts._lose, host.name)
+        for name in reg.hosts:  # known from before: trusted again only when they register
+            self.hosts.expect_back(name)
         self._tasks += [asyncio.create_task(self._sweep_deadlines()),
                         asyncio.create_task(self._reconcile_periodically())]
         ctx.fire("ctrl_start", subject=cfg.site_domain)

@@ -36,6 +36,7 @@ from usher.controller.auth import Identity, LoginLimiter
 from usher.controller.db import Database
 from usher.controller.models import Outbox
 from usher.directory.client import Directory
+from usher.directory.layout import Layout
 from usher.errors import (
     AuthenticationFailed,
     ConfigError,
@@ -219,6 +220,4 @@ def _mark(row_id: int, values: dict[str, object]) -> Callable[[Session], None]:
 
 
 def _service_dn(site: str) -> str:
-    from usher.directory.layout import Layout
-
     return Layout.for_site(site).service_dn

@@ -24,8 +24,9 @@ from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from usher.controller.context import Context
-from usher.controller.models import Host, Transition
-from usher.controller.service import VmService
+from usher.controller.models import Host, Vm
+from usher.controller.providers import Row
+from usher.controller.service import TRANSITIONS, VmService, insert_rows, transition_row
 from usher.controller.state import HostRec, VmRec
 from usher.errors import Conflict, HostNotFound, InvalidRequest, UsherError
 from usher.names import validate_domain
@@ -108,7 +109,7 @@ class HostService:
                    before: float | None = None) -> None:
         """Bring VMs in line with ``inventory``; with ``before``, only VMs whose
         state is older than the inventory (newer changes are not in it)."""
-        rows: list[Transition] = []
+        rows: list[Row] = []
         now = time.time()
         seen: set[str] = set()
         for vm in self.reg.vms_on(host.name):
@@ -143,16 +144,15 @@ class HostService:
         if host.foreign:
             self.ctx.fire("foreign_domains", subject=host.name, domains=host.foreign)
         if rows:
-            self.ctx.db_background(lambda s: s.add_all(rows))
+            self.ctx.db_background(lambda s: insert_rows(s, TRANSITIONS, rows))
 
-    def _change(self, vm: VmRec, state: str, cause: str, reason: str, now: float) -> Transition:
+    def _change(self, vm: VmRec, state: str, cause: str, reason: str, now: float) -> Row:
         old = self.reg.set_state(vm, state, reason)
         self.ctx.sessions.push_vm(vm)
         self.ctx.db_background(_save_vm_state(vm))
         self.ctx.fire("state_change", user=vm.owner, subject=vm.name, old=old, new=state,
                       cause=cause)
-        return Transition(vm_uuid=vm.uuid, vm_name=vm.name, time=now, old=old, new=state,
-                          cause=cause)
+        return transition_row(vm, old, state, cause, now)
 
     # ============================================================= liveness
     def disconnected(self, conn: Connection) -> None:
@@ -165,6 +165,10 @@ class HostService:
         host.connected = False
         log.warning("node manager of %s disconnected (%s); lost in %g s unless it returns",
                     name, conn.close_reason, self.ctx.config.host_lost_after_s)
+        self.expect_back(name)
+
+    def expect_back(self, name: str) -> None:
+        """Mark ``name`` lost unless its node manager registers within ``host_lost_after_s``."""
         loop = asyncio.get_running_loop()
         self._lost_timers[name] = loop.call_later(self.ctx.config.host_lost_after_s,
                                                   self._lose, name)
@@ -180,7 +184,7 @@ class HostService:
         rows = [self._change(vm, "unknown", f"VMM {name} lost", f"VMM {name} is lost", now)
                 for vm in self.reg.vms_on(name) if vm.state != "unknown"]
         if rows:
-            self.ctx.db_background(lambda s: s.add_all(rows))
+            self.ctx.db_background(lambda s: insert_rows(s, TRANSITIONS, rows))
         log.warning("host %s is lost; %d VMs are unknown", name, len(rows))
         self.ctx.fire("lnm_lost", subject=name, vms=len(rows))
 
@@ -200,7 +204,7 @@ class HostService:
             return  # a running task decides the state it ends in
         row = self._change(vm, ev.state, f"domain event on {host_name}: {ev.reason}",
                            ev.reason if ev.state == "crashed" else "", time.time())
-        self.ctx.db_background(lambda s: s.add(row))
+        self.ctx.db_background(lambda s: insert_rows(s, TRANSITIONS, [row]))
 
     # ========================================================== host verbs
     def list_hosts(self) -> list[HostInfo]:
@@ -260,8 +264,6 @@ def _save_host(host: HostRec) -> Any:
 
 
 def _save_vm_state(vm: VmRec) -> Any:
-    from usher.controller.models import Vm
-
     uuid = vm.uuid
     values: dict[Any, Any] = dict(state=vm.state, since=vm.since, started=vm.started,
                                   reason=vm.reason, host=vm.host)

@@ -455,7 +455,7 @@ class VmService:
         new_vms, held = new_vms or [], held or []
         user, now = identity.user, _now()
         created = {vm.uuid for vm in new_vms}
-        transitions = [_transition_row(vm, "new", vm.state, f"{op} by {user}", now)
+        transitions = [transition_row(vm, "new", vm.state, f"{op} by {user}", now)
                        for vm in new_vms]
         # The state a VM shows while its task runs is journaled with the task.
         previous: list[tuple[VmRec, str]] = []
@@ -466,7 +466,7 @@ class VmService:
                 previous.append((vm, vm.state))
                 old = self.reg.set_state(vm, transient, "")
                 if vm.uuid not in created:
-                    transitions.append(_transition_row(vm, old, transient,
+                    transitions.append(transition_row(vm, old, transient,
                                                        f"{op} task {task.id}", now))
         accepted = Accepted(tasks=[t.info() for t in tasks])
         vm_rows = [_vm_row(vm) for vm in new_vms]
@@ -480,12 +480,12 @@ class VmService:
         request = dict(user=user, request_id=request_id, op=op, reply=reply, created=now)
 
         def write(session: Session) -> None:
-            _insert(session, _VMS, vm_rows)
+            insert_rows(session, _VMS, vm_rows)
             for table, rows in provided.items():
-                _insert(session, table, rows)
-            _insert(session, _TASKS, task_rows)
-            _insert(session, _TRANSITIONS, transitions)
-            _insert(session, _REQUESTS, [request])
+                insert_rows(session, table, rows)
+            insert_rows(session, _TASKS, task_rows)
+            insert_rows(session, TRANSITIONS, transitions)
+            insert_rows(session, _REQUESTS, [request])
 
         try:
             await self.ctx.db.run(write)
@@ -608,8 +608,8 @@ class VmService:
     def _set_state(self, vm: VmRec, state: str, cause: str, reason: str = "") -> None:
         old = self.reg.set_state(vm, state, reason)
         if old != state:
-            row = _transition_row(vm, old, state, cause, _now())
-            self.ctx.db_background(lambda s: _insert(s, _TRANSITIONS, [row]))
+            row = transition_row(vm, old, state, cause, _now())
+            self.ctx.db_background(lambda s: insert_rows(s, TRANSITIONS, [row]))
             self.ctx.fire("state_change", user=vm.owner, subject=vm.name, old=old, new=state,
                           cause=cause)
 
@@ -619,7 +619,7 @@ class VmService:
         vm.task = None
         task.vm_state = state
         message = task.message or f"{vm.state}"
-        trans = _transition_row(vm, old, state, f"{task.op} task {task.id}", _now()) \
+        trans = transition_row(vm, old, state, f"{task.op} task {task.id}", _now()) \
             if old != state else None
         await self._finish(task, "done", message, vm, trans)
         if task.op == "start" and task.created_vm:
@@ -673,7 +673,7 @@ class VmService:
         self.ctx.fire("destroy", user=task.user, subject=vm.name, task=task.id)
 
     async def _remove_vm(self, vm: VmRec, task: TaskRec | None = None) -> None:
-        row = _transition_row(vm, vm.state, "destroyed",
+        row = transition_row(vm, vm.state, "destroyed",
                               f"destroy task {task.id}" if task else "failed start", _now())
         uuid = vm.uuid
         vm_tables = self.ctx.providers.vm_tables
@@ -682,7 +682,7 @@ class VmService:
             session.execute(delete(_VMS).where(_VMS.c.uuid == uuid))
             for table in vm_tables:
                 session.execute(delete(table).where(table.c.vm_uuid == uuid))
-            _insert(session, _TRANSITIONS, [row])
+            insert_rows(session, TRANSITIONS, [row])
 
         await self.ctx.db.run(write)
         self.ctx.providers.release(vm)
@@ -707,7 +707,7 @@ class VmService:
             if vm_values is not None:
                 session.execute(update(_VMS).where(_VMS.c.uuid == vid).values(vm_values))
             if transition is not None:
-                _insert(session, _TRANSITIONS, [transition])
+                insert_rows(session, TRANSITIONS, [transition])
 
         self.ctx.db_background(write)
         self.reg.finish_task(task)
@@ -758,7 +758,7 @@ class VmService:
 
 _TASKS: Table = Task.__table__  # type: ignore[assignment]
 _VMS: Table = Vm.__table__  # type: ignore[assignment]
-_TRANSITIONS: Table = Transition.__table__  # type: ignore[assignment]
+TRANSITIONS: Table = Transition.__table__  # type: ignore[assignment]
 _REQUESTS: Table = RequestRecord.__table__  # type: ignore[assignment]
 _ACTION = {"shutdown": "shutdown", "reboot": "reboot", "cycle": "cycle", "pause": "pause",
            "resume": "resume", "hibernate": "hibernate", "start": "start"}
@@ -785,10 +785,11 @@ def _task_row(t: TaskRec) -> Row:
                 created=t.created, deadline=t.deadline, finished=t.finished)
 
 
-def _transition_row(vm: VmRec, old: str, new: str, cause: str, now: float) -> Row:
+def transition_row(vm: VmRec, old: str, new: str, cause: str, now: float) -> Row:
     return dict(vm_uuid=vm.uuid, vm_name=vm.name, time=now, old=old, new=new, cause=cause)
 
 
-def _insert(session: Session, table: Table, rows: list[Row]) -> None:
+def insert_rows(session: Session, table: Table, rows: list[Row]) -> None:
+    """Core INSERT of plain-dict rows (none: nothing)."""
     if rows:
         session.execute(insert(table), rows)
