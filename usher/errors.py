@@ -34,6 +34,8 @@ and the network are translated into these at the boundary where they occur.
     │   ├── DomainNotFound (domain_not_found)
     │   └── DomainExists (domain_exists)
     ├── DirectoryError (directory, 8)
+    ├── DnsError (dns, 11)
+    │   └── DnsUnavailable (dns_unavailable)
     ├── ProtocolError (protocol, 9)
     │   ├── FrameTooLarge (frame_too_large)
     │   ├── BadFrame (bad_frame)
@@ -279,6 +281,19 @@ class DirectoryError(UsherError):
 
     code = "directory"
     exit_code = 8
+
+
+class DnsError(UsherError):
+    """The DNS server refused an update or answered something usher cannot use."""
+
+    code = "dns"
+    exit_code = 11
+
+
+class DnsUnavailable(DnsError):
+    """The DNS server did not answer in time or could not be reached."""
+
+    code = "dns_unavailable"
 
 
 class ProtocolError(UsherError):

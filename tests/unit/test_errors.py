@@ -18,6 +18,7 @@ FAMILY_EXIT_CODES = {
     "directory": 8,
     "protocol": 9,
     "config": 10,
+    "dns": 11,
 }
 
 ALL = sorted(all_codes().items())
