@@ -24,6 +24,7 @@ from typing import Any
 from usher.client import Client
 from usher.config import ControllerConfig, load_toml, to_toml
 from usher.demo import Demo
+from usher.lnm.fakehost import stored_domains
 
 RUNSTATES = {"1": "running", "3": "paused", "5": "stopped"}
 TEST_NS = "{http://libvirt.org/schemas/domain/test/1.0}"
@@ -150,10 +151,10 @@ class Site:
     # --------------------------------------------------------------- fake hosts
     def domains(self, i: int) -> dict[str, tuple[str, str]]:
         """Domains on fake host ``i`` as its host file records them: uuid -> (name, state)."""
-        text = Path(self.hosts[i]["uri"].removeprefix("test://")).read_text()
-        root = ET.fromstring(text)
+        path = Path(self.hosts[i]["uri"].removeprefix("test://"))
         out = {}
-        for dom in root.findall("domain"):
+        for chunk in stored_domains(path).values():
+            dom = ET.fromstring(chunk)
             uuid = dom.findtext("uuid") or ""
             state = RUNSTATES.get(dom.findtext(f"{TEST_NS}runstate") or "5", "?")
             if dom.find(f"{TEST_NS}hasmanagedsave") is not None:

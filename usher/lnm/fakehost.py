@@ -9,13 +9,24 @@ in-memory host from the file; the test driver never writes it back, so the
 after every change. A node manager that is killed and restarted then finds the
 domains its host still "runs", in the state they were left in.
 
+A save appends the changed domains to a journal beside the file
+(``host.xml.journal``, one JSON line per domain: its UUID and its stored XML,
+or null once it is gone) instead of rewriting the whole file: a busy host
+with thousands of domains would otherwise write megabytes per change. The
+journal is folded into the file (:func:`compact`) before libvirt opens it,
+and whenever it grows past the file's own size, so writes stay proportional
+to what changed. A torn last line (a process killed mid-append) is ignored:
+the call that wrote it never replied, so nobody was told of that change.
+
 Limits: the test driver cannot store why a domain stopped, so a crashed domain
 comes back STOPPED; a domain that was shutting down comes back RUNNING.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
@@ -27,6 +38,9 @@ from usher.errors import ConfigError, HypervisorError
 from usher.lnm import domxml
 
 TEST_NS = "http://libvirt.org/schemas/domain/test/1.0"
+JOURNAL_SUFFIX = ".journal"
+COMPACT_MIN_BYTES = 1 << 20
+"""The journal is folded into the file once it is larger than this and the file."""
 
 # Domains re-serialised by ElementTree keep their prefixes (not ns0, ns1).
 ET.register_namespace("test", TEST_NS)
@@ -61,6 +75,8 @@ class FakeHost:
         # uuid -> that domain's <domain> element as stored, in file order.
         # None until the first full scan of a connection.
         self._chunks: dict[str, str] | None = None
+        self._file_bytes = 0
+        self._journal_bytes = 0
 
     @classmethod
     def create(cls, path: Path, *, hostname: str, cpus: int, memory_mib: int) -> FakeHost:
@@ -78,23 +94,30 @@ class FakeHost:
             raise ConfigError(f"fake host {hostname} needs a positive size")
         host = cls(path.absolute(), hostname=hostname, cpus=cpus, memory_mib=memory_mib)
         if not host.path.exists():
+            _journal_path(host.path).unlink(missing_ok=True)  # no file: nothing to replay
             host._write(host._render([]))
             return host
-        try:
-            root = ET.parse(host.path).getroot()
-            old_cpus = int(root.findtext("cpu/active") or 0)
-            old_memory_mib = int(root.findtext("memory") or 0) // 1024
-        except (ET.ParseError, ValueError, OSError) as e:
-            raise ConfigError(f"{host.path} is not a fake host file: {e}") from e
-        if root.tag != "node":
-            raise ConfigError(f"{host.path} is not a fake host file: no <node>")
-        if (old_cpus, old_memory_mib) != (cpus, memory_mib):
-            chunks = []
-            for dom in root.findall("domain"):
-                dom.tail = None
-                chunks.append(ET.tostring(dom, encoding="unicode"))
-            host._write(host._render(chunks))
+        head, chunks, replayed = _load(host.path)
+        old_cpus, old_memory_mib = head
+        if replayed or (old_cpus, old_memory_mib) != (cpus, memory_mib):
+            host._write(host._render(chunks.values()))
         return host
+
+    def compact(self) -> None:
+        """Fold the journal into the host file; libvirt reads only the file.
+
+        The driver calls this before it opens the host; it is idempotent and
+        cheap when there is no journal.
+
+        Raises:
+            ConfigError: the file is not a host file.
+            HypervisorError: the file cannot be written.
+        """
+        with self._lock:
+            if not _journal_path(self.path).exists():
+                return
+            _, chunks, _ = _load(self.path)
+            self._write(self._render(chunks.values()))
 
     @property
     def uri(self) -> str:
@@ -117,21 +140,29 @@ class FakeHost:
         with self._lock:
             if changed is None or self._chunks is None:
                 self._chunks = {d.UUIDString(): _stored_domain(d) for d in conn.listAllDomains()}
-            else:
-                before = dict(self._chunks)
-                for uuid in changed:
-                    try:
-                        dom = conn.lookupByUUIDString(uuid)
-                    except libvirt.libvirtError as e:
-                        if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                            raise
-                        self._chunks.pop(uuid, None)
+                self._write(self._render(self._chunks.values()))
+                return
+            entries: list[tuple[str, str | None]] = []
+            for uuid in changed:
+                try:
+                    chunk: str | None = _stored_domain(conn.lookupByUUIDString(uuid))
+                except libvirt.libvirtError as e:
+                    if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+                    chunk = None
+                # A no-op verb (or a retry) leaves the domain as stored: skip it.
+                if self._chunks.get(uuid) != chunk:
+                    entries.append((uuid, chunk))
+                    if chunk is None:
+                        del self._chunks[uuid]
                     else:
-                        self._chunks[uuid] = _stored_domain(dom)
-                if self._chunks == before:
-                    # A no-op verb (or a retry): the file already says this.
-                    return
-            self._write(self._render(self._chunks.values()))
+                        self._chunks[uuid] = chunk
+            if not entries:
+                return
+            if self._journal_bytes > max(COMPACT_MIN_BYTES, self._file_bytes):
+                self._write(self._render(self._chunks.values()))
+            else:
+                self._append(entries)
 
     def _render(self, chunks: Iterable[str]) -> str:
         head = (
@@ -144,12 +175,101 @@ class FakeHost:
         return head + "".join(chunks) + "</node>\n"
 
     def _write(self, text: str) -> None:
+        """Replace the file with ``text`` (atomically) and drop the journal it includes."""
         tmp = self.path.with_name(self.path.name + ".tmp")
+        data = text.encode()
         try:
-            tmp.write_text(text, encoding="utf-8")
+            tmp.write_bytes(data)
             os.replace(tmp, self.path)
+            # Replaying a journal onto a file that already holds it changes
+            # nothing, so a crash between these two steps is harmless.
+            _journal_path(self.path).unlink(missing_ok=True)
         except OSError as e:
             raise HypervisorError(f"cannot write fake host file {self.path}: {e}") from e
+        self._file_bytes, self._journal_bytes = len(data), 0
+
+    def _append(self, entries: list[tuple[str, str | None]]) -> None:
+        data = "".join(json.dumps({"uuid": u, "xml": x}) + "\n" for u, x in entries).encode()
+        path = _journal_path(self.path)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise HypervisorError(f"cannot write fake host journal {path}: {e}") from e
+        self._journal_bytes += len(data)
+
+
+def _journal_path(path: Path) -> Path:
+    return path.with_name(path.name + JOURNAL_SUFFIX)
+
+
+def _load(path: Path) -> tuple[tuple[int, int], dict[str, str], bool]:
+    """Read a host file and replay its journal, writing nothing.
+
+    Returns ``((cpus, memory_mib), {uuid: stored domain XML}, replayed)``;
+    ``replayed`` is True if a journal changed anything.
+
+    Raises:
+        ConfigError: the file is not a host file.
+    """
+    try:
+        root = ET.parse(path).getroot()
+        head = (int(root.findtext("cpu/active") or 0), int(root.findtext("memory") or 0) // 1024)
+    except (ET.ParseError, ValueError, OSError) as e:
+        raise ConfigError(f"{path} is not a fake host file: {e}") from e
+    if root.tag != "node":
+        raise ConfigError(f"{path} is not a fake host file: no <node>")
+    chunks: dict[str, str] = {}
+    for i, dom in enumerate(root.findall("domain")):
+        dom.tail = None
+        # A hand-written domain may lack a UUID: keep it under a key of its own.
+        chunks[dom.findtext("uuid") or f"no-uuid-{i}"] = ET.tostring(dom, encoding="unicode")
+    replayed = False
+    try:
+        lines = _journal_path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        lines = []
+    except OSError as e:
+        raise ConfigError(f"cannot read the journal of {path}: {e}") from e
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            uuid, xml = entry["uuid"], entry["xml"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn line: its writer never replied
+        if xml is None:
+            chunks.pop(uuid, None)
+        else:
+            chunks[uuid] = xml
+        replayed = True
+    return head, chunks, replayed
+
+
+def compact(path: Path) -> None:
+    """Fold the journal of the host file at ``path`` into it (for tools and tests).
+
+    Only while no node manager drives the host: it appends to the journal.
+    """
+    head, chunks, replayed = _load(path)
+    if replayed:
+        with path.open(encoding="utf-8") as fh:
+            found = _HOSTNAME.search(fh.read(4096))
+        host = FakeHost(path, hostname=found.group(1) if found else path.stem,
+                        cpus=head[0], memory_mib=head[1])
+        host._write(host._render(chunks.values()))
+
+
+_HOSTNAME = re.compile(r"<!-- usher fake host (\S+) -->")
+
+
+def stored_domains(path: Path) -> dict[str, str]:
+    """The domains a host file and its journal hold: uuid -> stored XML. Writes nothing."""
+    return _load(path)[1]
 
 
 def _stored_domain(dom: libvirt.virDomain) -> str:

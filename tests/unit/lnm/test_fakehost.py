@@ -8,10 +8,11 @@ import libvirt
 import pytest
 
 from usher.errors import ConfigError
+from usher.lnm import fakehost
 from usher.lnm.domxml import build_domain_xml
 from usher.lnm.drivers.base import DomainSpec, DomainState
 from usher.lnm.drivers.libvirt import LibvirtDriver
-from usher.lnm.fakehost import FakeHost
+from usher.lnm.fakehost import FakeHost, stored_domains
 
 
 def spec(n: int, owner: str = "alice") -> DomainSpec:
@@ -81,25 +82,76 @@ def test_domains_and_their_states_survive_a_restart(tmp_path: Path) -> None:
         again.close()
 
 
-def test_changes_are_written_at_flush_and_no_ops_not_at_all(tmp_path: Path) -> None:
+def test_changes_are_journaled_at_flush_and_no_ops_not_at_all(tmp_path: Path) -> None:
+    path = tmp_path / "h.xml"
+    journal = tmp_path / "h.xml.journal"
+    driver = open_driver(path)
+    try:
+        uuid = driver.define(spec(1)).uuid
+        driver.start(uuid)
+        driver.flush()
+        inode, size = path.stat().st_ino, journal.stat().st_size
+        driver.start(uuid)
+        driver.define(spec(1))
+        driver.flush()
+        assert journal.stat().st_size == size  # no-ops: nothing written
+        driver.pause(uuid)
+        driver.resume(uuid)
+        driver.pause(uuid)
+        assert journal.stat().st_size == size  # not yet: written at the next flush
+        driver.flush()
+        assert journal.stat().st_size > size
+        assert path.stat().st_ino == inode  # appended, not rewritten
+        assert "<test:runstate>3</test:runstate>" in stored_domains(path)[uuid]
+    finally:
+        driver.close()
+    # libvirt reads only the file: opening the host folds the journal in first.
+    again = open_driver(path)
+    try:
+        assert not journal.exists()
+        assert "<test:runstate>3</test:runstate>" in path.read_text()
+        assert again.get_domain(uuid).state is DomainState.PAUSED
+    finally:
+        again.close()
+
+
+def test_a_torn_journal_line_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "h.xml"
+    driver = open_driver(path)
+    try:
+        driver.define(spec(1))
+        driver.start(spec(1).uuid)
+        driver.flush()
+    finally:
+        driver.close()
+    journal = tmp_path / "h.xml.journal"
+    with journal.open("a") as fh:  # killed in the middle of the next append
+        fh.write('{"uuid": "' + spec(1).uuid + '", "xml": "<dom')
+    again = open_driver(path)
+    try:
+        assert again.get_domain(spec(1).uuid).state is DomainState.RUNNING
+    finally:
+        again.close()
+
+
+def test_a_large_journal_is_folded_into_the_file(tmp_path: Path, monkeypatch:
+                                                  pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fakehost, "COMPACT_MIN_BYTES", 4096)
     path = tmp_path / "h.xml"
     driver = open_driver(path)
     try:
         uuid = driver.define(spec(1)).uuid
         driver.start(uuid)
         driver.flush()
-        inode = path.stat().st_ino      # every write replaces the file
-        driver.start(uuid)
-        driver.define(spec(1))
-        driver.flush()
-        assert path.stat().st_ino == inode  # no-ops: nothing written
-        driver.pause(uuid)
-        driver.resume(uuid)
-        driver.pause(uuid)
-        assert path.stat().st_ino == inode  # not yet: written at the next flush
-        driver.flush()
-        assert path.stat().st_ino != inode
-        assert "<test:runstate>3</test:runstate>" in path.read_text()
+        for _ in range(20):
+            driver.pause(uuid)
+            driver.flush()
+            driver.resume(uuid)
+            driver.flush()
+        # 40 appends of a domain each would be far larger: it was folded in.
+        journal = tmp_path / "h.xml.journal"
+        assert not journal.exists() or journal.stat().st_size <= 2 * 4096
+        assert "<test:runstate>1</test:runstate>" in stored_domains(path)[uuid]
     finally:
         driver.close()
 
@@ -139,12 +191,15 @@ def test_save_rereads_only_the_changed_domains(tmp_path: Path) -> None:
         # domain 1 keeps the cached (stopped) domain 2.
         conn.lookupByUUIDString(spec(2).uuid).create()
         host.save(conn, changed={spec(1).uuid})
-        assert "<test:runstate>1</test:runstate>" not in host.path.read_text()
+        stored = stored_domains(host.path)
+        assert "<test:runstate>1</test:runstate>" not in stored[spec(2).uuid]
         host.save(conn, changed={spec(2).uuid})
-        assert host.path.read_text().count("<test:runstate>1</test:runstate>") == 1
+        assert "<test:runstate>1</test:runstate>" in stored_domains(host.path)[spec(2).uuid]
         # A changed UUID that no longer exists is dropped from the file.
         conn.lookupByUUIDString(spec(1).uuid).undefine()
         host.save(conn, changed={spec(1).uuid})
+        assert set(stored_domains(host.path)) == {spec(2).uuid}
+        host.compact()
         assert spec(1).uuid not in host.path.read_text()
         assert spec(2).uuid in host.path.read_text()
     finally:

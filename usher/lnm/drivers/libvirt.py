@@ -212,6 +212,8 @@ class LibvirtDriver(HypervisorDriver):
             if self._conn is not None:
                 return
             libvirt.registerErrorHandler(_log_libvirt_error, None)
+            if self._fake_host is not None:
+                self._fake_host.compact()  # libvirt reads the file, not the journal
             with libvirt_errors(f"connect to {self.uri}"):
                 self._conn = libvirt.open(self.uri)
             try:
