@@ -71,9 +71,21 @@ class ControllerConfig:
     ldap_timeout_s: float = _f(5.0, "a directory call that takes longer fails")
     site_admins: list[str] = _f([], "with a directory: the Usher users who are site admins")
     outbox_retry_s: float = _f(2.0, "first delay before writes to other systems are retried")
+    dns: str = _f("none", "DNS provider: none, embedded (a server in the controller) or "
+                  "rfc2136 (dynamic updates with TSIG to a server such as BIND)")
+    dns_listen: str = _f("127.0.0.1:5353", "embedded DNS: HOST:PORT it answers on (UDP and TCP)")
+    dns_server: str = _f("127.0.0.1:53", "rfc2136: HOST:PORT of the primary server")
+    dns_key_file: str = _f("", "rfc2136: TSIG key file as tsig-keygen writes it")
+    dns_zones: list[str] = _f([], "zones usher writes to (empty: the site domain and the "
+                              "reverse zones of the IP ranges)")
+    dns_ttl: int = _f(60, "TTL of the records usher writes")
+    dns_down: str = _f("refuse", "when DNS cannot be written: refuse (the start fails) or "
+                       "queue (the VM starts; its records wait, shown as pending)")
+    dns_timeout_s: float = _f(5.0, "a DNS update or transfer that takes longer fails")
+    dns_converge_interval_s: float = _f(300.0, "compare DNS with the database this often")
     plugins: list[str] = _f(["audit", "kwargfil"], "plugins to load, by name")
     kwargfil: dict[str, dict[str, list[str]]] = _f(
-        {"start": {"accept": ["ram", "vcpus", "vmm", "ip_range", "ip"]}},
+        {"start": {"accept": ["ram", "vcpus", "vmm", "ip_range", "ip", "rr"]}},
         "kwargfil: per event, the options accepted (or dropped) for everyone but site admins")
     plugin_dirs: list[str] = _f([], "directories with site plugin files (*.py)")
     plugin_timeout_s: float = _f(5.0, "each plugin call must finish within this")

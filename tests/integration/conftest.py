@@ -24,11 +24,12 @@ import secrets
 import shutil
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from sqlalchemy.orm import Session
 
 from usher.config import ControllerConfig, LnmConfig
 from usher.controller import auth
@@ -72,6 +73,7 @@ class RunningController:
     _conns: list[Connection] = field(default_factory=list)
     _writers: list[asyncio.StreamWriter] = field(default_factory=list)
     _nodes: list[tuple[asyncio.Event, asyncio.Task[None]]] = field(default_factory=list)
+    closed: bool = False
 
     @property
     def address(self) -> tuple[str, int]:
@@ -172,6 +174,10 @@ class RunningController:
         return agent
 
     async def close(self) -> None:
+        """Stop the node managers, connections and the controller; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
         for stop, _task in self._nodes:
             stop.set()
         for _stop, task in self._nodes:
@@ -222,21 +228,51 @@ def site_template(tmp_path_factory: pytest.TempPathFactory) -> SiteTemplate:
     return SiteTemplate(cfg=cfg, pki=pki, db_file=tmp / "state" / "usher.db")
 
 
+MakeController = Callable[..., Awaitable[RunningController]]
+
+
 @pytest.fixture
-async def controller(site_template: SiteTemplate,
-                     tmp_path: Path) -> AsyncIterator[RunningController]:
+async def make_controller(site_template: SiteTemplate,
+                          tmp_path: Path) -> AsyncIterator[MakeController]:
+    """Start controllers on this test's copy of the site database.
+
+    ``make(setup=job, **settings)`` runs ``job(session)`` on the database
+    first (ranges, say), then starts a controller with the template's config
+    changed by ``settings``. Several calls share one database (a restart);
+    every controller still running is stopped when the test ends.
+    """
     db_file = tmp_path / "state" / "usher.db"
     db_file.parent.mkdir()
     for suffix in ("", "-wal"):  # the WAL is normally checkpointed away on close
         source = site_template.db_file.with_name(site_template.db_file.name + suffix)
         if source.exists():
             shutil.copyfile(source, db_file.with_name(db_file.name + suffix))
-    cfg = dataclasses.replace(site_template.cfg, database_url=f"sqlite:///{db_file}")
-    ctrl = Controller(cfg)
-    host, port = await ctrl.start()
-    running = RunningController(cfg=cfg, ctrl=ctrl, host=host, port=port,
+    running: list[RunningController] = []
+
+    async def make(*, setup: Callable[[Session], object] | None = None,
+                   **settings: object) -> RunningController:
+        cfg = dataclasses.replace(site_template.cfg, database_url=f"sqlite:///{db_file}",
+                                  **settings)  # type: ignore[arg-type]
+        if setup is not None:
+            db = dbmod.Database(dbmod.make_engine(cfg.database_url))
+            try:
+                db.run_sync(setup)
+            finally:
+                db.close()
+        ctrl = Controller(cfg)
+        host, port = await ctrl.start()
+        one = RunningController(cfg=cfg, ctrl=ctrl, host=host, port=port,
                                 pki=site_template.pki, tmp=tmp_path)
+        running.append(one)
+        return one
+
     try:
-        yield running
+        yield make
     finally:
-        await running.close()
+        for one in running:
+            await one.close()
+
+
+@pytest.fixture
+async def controller(make_controller: MakeController) -> RunningController:
+    return await make_controller()

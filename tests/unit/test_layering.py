@@ -6,7 +6,8 @@ because each ties the two layers together all the same.
 
 * the core (``usher.errors``, ``usher.names``, ``usher.config``,
   ``usher.failpoints`` and ``usher.protocol``) imports nothing above it;
-* ``usher.protocol`` imports only ``usher.errors`` of the rest of usher;
+* ``usher.protocol`` and ``usher.dns`` import only ``usher.errors`` of the
+  rest of usher;
 * the controller, the node manager and the shell never import each other;
 * the client library imports none of them;
 * hypervisor drivers and domain XML know nothing of the controller or the DB.
@@ -24,7 +25,7 @@ import usher
 
 ROOT = Path(usher.__file__).parent
 CORE = ("usher.errors", "usher.names", "usher.config", "usher.failpoints", "usher.protocol",
-        "usher.directory")
+        "usher.directory", "usher.dns")
 SERVICES = ("usher.controller", "usher.lnm", "usher.ush")
 ABOVE_CORE = (*SERVICES, "usher.client", "usher.usertools", "usher.cli", "usher.demo")
 DATABASE = ("sqlalchemy", "alembic")
@@ -112,11 +113,12 @@ def test_core_imports_nothing_above_it() -> None:
     assert violations(modules_under(CORE), ABOVE_CORE) == []
 
 
-def test_protocol_imports_only_errors() -> None:
-    bad = [f"{m} imports {i}" for m in modules_under("usher.protocol")
+@pytest.mark.parametrize("package", ["usher.protocol", "usher.dns"])
+def test_protocol_and_dns_import_only_errors(package: str) -> None:
+    bad = [f"{m} imports {i}" for m in modules_under(package)
            for i in sorted(imports_of(m))
            if within(i, "usher") and i != "usher"
-           and not within(i, ("usher.errors", "usher.protocol"))]
+           and not within(i, ("usher.errors", package))]
     assert bad == []
 
 

@@ -549,16 +549,18 @@ class AsyncClient:
     # ------------------------------------------------------------ mutations
     async def start(self, names: Sequence[str], *, ram: int | None = None,
                     vcpus: int | None = None, vmm: str | None = None,
-                    ip_range: str | None = None, ip: str | None = None,
+                    ip_range: str | None = None, ip: str | None = None, rr: bool = False,
                     request_id: str | None = None) -> list[TaskInfo]:
         """Start VMs, creating those that do not exist (``ram`` MiB, ``vcpus``, on ``vmm``,
-        with an address of IP range ``ip_range`` (else the site's default), ``ip`` if given).
+        with an address of IP range ``ip_range`` (else the site's default), ``ip`` if given;
+        ``rr``: new VMs also join the round-robin DNS name of their cluster).
 
         Names go to the controller as typed (relative, FQDN or a brace batch);
         it expands and validates them as a whole. Returns one task per VM.
         """
         args = StartArgs(names=list(names), options=StartOptions(ram=ram, vcpus=vcpus, vmm=vmm,
-                                                                ip_range=ip_range, ip=ip))
+                                                                ip_range=ip_range, ip=ip,
+                                                                rr=rr))
         return self._accepted(await self._call("vm.start", args, request_id=request_id))
 
     async def _vm_op(self, op: str, names: Sequence[str], request_id: str | None,

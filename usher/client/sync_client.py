@@ -167,9 +167,9 @@ class Client:
     # ------------------------------------------------------------ mutations
     def start(self, names: Sequence[str], *, ram: int | None = None, vcpus: int | None = None,
               vmm: str | None = None, ip_range: str | None = None, ip: str | None = None,
-              request_id: str | None = None) -> list[TaskInfo]:
+              rr: bool = False, request_id: str | None = None) -> list[TaskInfo]:
         return self._run(self._aio.start(names, ram=ram, vcpus=vcpus, vmm=vmm,
-                                         ip_range=ip_range, ip=ip,
+                                         ip_range=ip_range, ip=ip, rr=rr,
                                          request_id=request_id))
 
     def shutdown(self, names: Sequence[str], *, request_id: str | None = None) -> list[TaskInfo]:

@@ -23,6 +23,7 @@ from usher.config import ControllerConfig
 from usher.controller import db as dbmod
 from usher.controller.auth import Authenticator, LoginLimiter, UserStore
 from usher.controller.context import Context, NodeLinks, Sessions
+from usher.controller.dns import DnsProvider
 from usher.controller.events import EventBus, load_plugins
 from usher.controller.hosts import HostService
 from usher.controller.ipam import IpamProvider
@@ -31,6 +32,17 @@ from usher.controller.providers import PlacementProvider, ProviderChain
 from usher.controller.server import ControllerServer
 from usher.controller.service import VmService
 from usher.controller.state import HostRec, Registry, TaskRec, VmRec
+from usher.dns import (
+    DnsBackend,
+    EmbeddedBackend,
+    EmbeddedDns,
+    Rfc2136Backend,
+    Zones,
+    ZoneStore,
+    parse_key_file,
+    reverse_zone_for,
+)
+from usher.errors import ConfigError
 from usher.protocol import pki, tls
 
 log = logging.getLogger(__name__)
@@ -60,8 +72,13 @@ class Controller:
                                  sessions=Sessions())
         self.vms = VmService(ctx)
         self.hosts = HostService(ctx, self.vms)
+        self.dns_server: EmbeddedDns | None = None
         await db.run(self._load)
         await db.run(self.vms.load_replies)
+        if cfg.dns != "none":
+            ctx.dns = await self._start_dns()
+            ctx.providers.providers.append(ctx.dns)
+            self._tasks.append(asyncio.create_task(ctx.dns.run()))
         loaded = load_plugins(ctx.bus, cfg, ctx)
         log.info("plugins: %s", ", ".join(loaded) or "none")
         limiter = LoginLimiter(cfg.login_max_failures, cfg.login_window_s,
@@ -100,7 +117,7 @@ class Controller:
             reg.add_vm(VmRec(uuid=v.uuid, name=v.name, cluster=v.cluster, owner=v.owner,
                              host=v.host, state=v.state, memory_mib=v.memory_mib,
                              vcpus=v.vcpus, mac=v.mac, ip=v.ip, since=v.since,
-                             started=v.started, reason=v.reason))
+                             started=v.started, reason=v.reason, rr=v.rr))
         open_tasks = session.scalars(select(Task).where(Task.state == "running")).all()
         recent = session.scalars(select(Task).where(Task.state != "running")
                                  .order_by(Task.created.desc()).limit(RECENT_TASKS_LOADED))
@@ -116,6 +133,42 @@ class Controller:
                 vm.task = task.id
                 if task.op == "migrate" and task.target and vm.host != task.target:
                     reg.hold(task.target, vm)
+
+    async def _start_dns(self) -> DnsProvider:
+        """The dns provider with its backend (and the embedded server, if chosen).
+
+        Raises:
+            ConfigError: an unknown ``dns`` setting, a bad address or key file.
+        """
+        cfg = self.config
+        if cfg.dns_down not in ("refuse", "queue"):
+            raise ConfigError(f"dns_down = {cfg.dns_down!r}: use refuse or queue")
+        origins = list(cfg.dns_zones) or [cfg.site_domain] + sorted(
+            {reverse_zone_for(r.network) for r in self.ipam.ranges.values()})
+        zones = Zones(origins)
+        backend: DnsBackend
+        if cfg.dns == "embedded":
+            host, port = split_address(cfg.dns_listen, "dns_listen")
+            store = ZoneStore(zones, ttl=cfg.dns_ttl)
+            self.dns_server = EmbeddedDns(store, host, port)
+            await self.dns_server.start()
+            backend = EmbeddedBackend(store)
+            log.info("embedded DNS for %s on %s:%d", ", ".join(zones), host,
+                     self.dns_server.port)
+        elif cfg.dns == "rfc2136":
+            host, port = split_address(cfg.dns_server, "dns_server")
+            if not cfg.dns_key_file:
+                raise ConfigError("dns = rfc2136 needs dns_key_file (a TSIG key from "
+                                  "tsig-keygen that the server accepts updates with)")
+            key_name, algorithm, secret = parse_key_file(cfg.dns_key_file)
+            backend = Rfc2136Backend(host, port, zones, key_name, secret, algorithm,
+                                     cfg.dns_timeout_s, ttl=cfg.dns_ttl)
+            log.info("DNS updates for %s go to %s:%d", ", ".join(zones), host, port)
+        else:
+            raise ConfigError(f"dns = {cfg.dns!r}: use none, embedded or rfc2136")
+        provider = DnsProvider(cfg, zones, backend, self.ctx.reg, self.ctx.db)
+        provider.load(self.ctx.reg.vms.values())
+        return provider
 
     async def reload_ranges(self) -> None:
         """Read the IP ranges again (SIGHUP, after ``usher-controller range``)."""
@@ -153,5 +206,22 @@ class Controller:
             self.ctx.directory.close()
         await self.server.stop()
         await self.vms.stop()
+        if self.ctx.dns is not None:
+            await self.ctx.dns.backend.close()
+        if self.dns_server is not None:
+            await self.dns_server.stop()
         await self.ctx.bus.drain(2.0)
         await asyncio.to_thread(self.ctx.db.close)
+
+
+def split_address(text: str, setting: str) -> tuple[str, int]:
+    """``HOST:PORT`` of a config setting (``[v6]:PORT`` for IPv6).
+
+    Raises:
+        ConfigError: not HOST:PORT with a port from 0 to 65535.
+    """
+    host, sep, port = text.strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{setting} = {text!r} is not HOST:PORT (for example 127.0.0.1:53)")
+    return host, int(port)

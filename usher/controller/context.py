@@ -28,6 +28,7 @@ from usher.protocol.ops import VmStateMsg
 
 if TYPE_CHECKING:
     from usher.controller.directory import DirectoryLink
+    from usher.controller.dns import DnsProvider
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ class Context:
     nodes: NodeLinks
     sessions: Sessions
     directory: DirectoryLink | None = None  # the site directory, when configured
+    dns: DnsProvider | None = None  # the dns provider, when configured
 
     def db_background(self, job: Callable[[Session], Any]) -> None:
         """Journal ``job`` without waiting for it (state seen by events); failures log."""

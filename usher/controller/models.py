@@ -65,6 +65,7 @@ class Vm(Base):
     vcpus: Mapped[int] = mapped_column(Integer)
     mac: Mapped[str] = mapped_column(String(17), unique=True)
     ip: Mapped[str | None] = mapped_column(String(45), nullable=True)
+    rr: Mapped[bool] = mapped_column(Boolean, default=False)  # in its cluster's round robin
     since: Mapped[float] = mapped_column(Float)
     started: Mapped[float | None] = mapped_column(Float, nullable=True)
     reason: Mapped[str] = mapped_column(Text, default="")

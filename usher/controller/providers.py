@@ -9,7 +9,9 @@ provider that cannot reserve raises an :class:`UsherError` and every provider
 that had reserved before it is released, so a failed start leaves nothing
 behind. A provider that must journal something with the VM contributes rows
 through ``rows`` (written in the same transaction as the VM's row) and names
-in ``vm_tables`` the tables whose rows go with the VM when it is removed.
+in ``vm_tables`` the tables whose rows go with the VM when it is removed;
+``removal_rows`` are written in the transaction that removes it (an outbox
+entry, say).
 
 Placement is the first provider: it fits memory and vcpus, prefers the host
 with the most free memory, honours ``--vmm``, and says which resource is
@@ -42,6 +44,7 @@ class Placement:
     exclude: frozenset[str] = frozenset()
     ip_range: str | None = None  # --ip_range
     ip: str | None = None  # --ip
+    rr: bool = False  # --rr
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -61,6 +64,10 @@ class Provider(abc.ABC):
 
     def rows(self, vm: VmRec) -> list[tuple[Table, Row]]:
         """Rows to insert in the same transaction as new VM ``vm``'s row (default: none)."""
+        return []
+
+    def removal_rows(self, vm: VmRec) -> list[tuple[Table, Row]]:
+        """Rows to insert in the transaction that removes ``vm`` (default: none)."""
         return []
 
     @abc.abstractmethod
@@ -147,6 +154,9 @@ class ProviderChain:
 
     def rows(self, vm: VmRec) -> list[tuple[Table, Row]]:
         return [row for provider in self.providers for row in provider.rows(vm)]
+
+    def removal_rows(self, vm: VmRec) -> list[tuple[Table, Row]]:
+        return [row for provider in self.providers for row in provider.removal_rows(vm)]
 
     @property
     def vm_tables(self) -> list[Table]:

@@ -140,14 +140,20 @@ class VmService:
                 vm = self.reg.by_name.get(name.fqdn)
                 if vm is None or not self._visible(identity, vm):
                     raise VmNotFound(f"no VM named {name.relative_to(identity.user, site)}")
-                out.append(vm.info())
+                out.append(self._vm_info(vm))
             return out
         if identity.site_admin and args.all_users:
             vms = list(self.reg.vms.values())
         else:
             vms = list(self.reg.by_owner.get(identity.user, {}).values())
         vms.sort(key=lambda v: v.name)
-        return [vm.info() for vm in vms]
+        return [self._vm_info(vm) for vm in vms]
+
+    def _vm_info(self, vm: VmRec) -> VmInfo:
+        info = vm.info()
+        if self.ctx.dns is not None:
+            info.dns = self.ctx.dns.state_of(vm)
+        return info
 
     def complete_vms(self, identity: Identity, prefix: str) -> list[str]:
         suffix = f".{identity.user}.{self.ctx.config.site_domain}"
@@ -329,12 +335,12 @@ class VmService:
                                owner=name.owner or identity.user, host=None, state="pending",
                                memory_mib=options.ram or cfg.default_ram_mib,
                                vcpus=options.vcpus or cfg.default_vcpus, mac=self._unique_mac(),
-                               since=now, reason="")
+                               since=now, reason="", rr=options.rr)
                     self.reg.add_vm(vm)
                     new_vms.append(vm)
                     self.ctx.providers.reserve(Placement(vm=vm, vmm=options.vmm,
                                                         ip_range=options.ip_range,
-                                                        ip=options.ip))
+                                                        ip=options.ip, rr=options.rr))
                     task = self._new_task("start", identity, vm, now, created_vm=True)
                 elif not acts:
                     existing = self.reg.tasks.get(vm.task) if vm.task else None
@@ -553,6 +559,8 @@ class VmService:
                 outcome = await self.ctx.directory.ensure_cluster(vm.cluster, vm.owner, task.id)
                 if outcome != "exists":
                     self._progress(task, f"directory branch of {vm.cluster}: {outcome}")
+            if task.created_vm and self.ctx.dns is not None:
+                await self.ctx.dns.before_boot(vm)
             failpoints.hit("start.dispatch")
             dom: DomainMsg = await nodes.call(host, "node.define",  # type: ignore[arg-type]
                                               DefineArgs(spec=self._spec(vm, task)))
@@ -677,12 +685,15 @@ class VmService:
                               f"destroy task {task.id}" if task else "failed start", _now())
         uuid = vm.uuid
         vm_tables = self.ctx.providers.vm_tables
+        extra = self.ctx.providers.removal_rows(vm)
 
         def write(session: Session) -> None:
             session.execute(delete(_VMS).where(_VMS.c.uuid == uuid))
             for table in vm_tables:
                 session.execute(delete(table).where(table.c.vm_uuid == uuid))
             insert_rows(session, TRANSITIONS, [row])
+            for table, r in extra:
+                insert_rows(session, table, [r])
 
         await self.ctx.db.run(write)
         self.ctx.providers.release(vm)
@@ -775,7 +786,8 @@ def _vm_values(vm: VmRec) -> dict[Any, Any]:
 def _vm_row(vm: VmRec) -> Row:
     return dict(uuid=vm.uuid, name=vm.name, cluster=vm.cluster, owner=vm.owner, host=vm.host,
                 state=vm.state, memory_mib=vm.memory_mib, vcpus=vm.vcpus, mac=vm.mac, ip=vm.ip,
-                since=vm.since, started=vm.started, reason=vm.reason, created=vm.since)
+                since=vm.since, started=vm.started, reason=vm.reason, rr=vm.rr,
+                created=vm.since)
 
 
 def _task_row(t: TaskRec) -> Row:

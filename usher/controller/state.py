@@ -39,13 +39,14 @@ class VmRec:
     since: float = 0.0
     started: float | None = None
     reason: str = ""
+    rr: bool = False  # a member of its cluster's round-robin DNS name
     task: str | None = None  # id of the task operating on it now
 
     def info(self) -> VmInfo:
         return VmInfo(name=self.name, uuid=self.uuid, state=self.state, owner=self.owner,
                       cluster=self.cluster, host=self.host, memory_mib=self.memory_mib,
                       vcpus=self.vcpus, mac=self.mac, ip=self.ip, since=self.since,
-                      started=self.started, reason=self.reason)
+                      started=self.started, reason=self.reason, rr=self.rr)
 
 
 @dataclass(slots=True, eq=False)

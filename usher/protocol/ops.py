@@ -38,6 +38,7 @@ class StartOptions(_S):
     vmm: str | None = None  # pin to this host
     ip_range: str | None = None  # take the address from this IP range (else the default)
     ip: str | None = None  # this address of the range (else the lowest free one)
+    rr: bool = False  # also a member of the round-robin name of the VM's cluster
 
 
 class TaskInfo(_S):
@@ -67,6 +68,8 @@ class VmInfo(_S):
     since: float = 0.0  # when it entered its current state
     started: float | None = None  # boot time of the current run (uptime)
     reason: str = ""  # why it is in this state (hold reason, error)
+    rr: bool = False  # a member of its cluster's round-robin name
+    dns: str = ""  # "" (no records), "ok", or "pending" (waiting for the DNS server)
 
 
 class HostInfo(_S):

@@ -1,0 +1,249 @@
+"""Publishing records in a site's own DNS server by TSIG-signed RFC 2136 UPDATE.
+
+:class:`Rfc2136Backend` is the :class:`~usher.dns.backend.DnsBackend` for a site
+that runs its own authoritative server (BIND 9, Knot, PowerDNS ...). Changes go
+as dynamic updates (RFC 2136) over TCP, one message per zone (split beyond
+:attr:`~Rfc2136Backend.max_records_per_message` records), each signed with a
+TSIG key (RFC 8945); the server's state is read back by a zone transfer (AXFR)
+signed with the same key. The server must therefore grant the key both
+``allow-update`` and ``allow-transfer`` on every zone usher manages.
+
+An UPDATE message is atomic: if the server refuses one record of it, none of
+its records is made. BIND 9.18.28 and later refuse an rrset larger than
+``max-records-per-type`` (100 by default), so a round-robin name with more
+than 100 members fails the whole message for its zone (SERVFAIL) unless the
+site raises that limit.
+
+dnspython's asyncio functions do the I/O, so no call blocks the event loop;
+each has a time limit. This module is where dnspython's exceptions become
+:class:`~usher.errors.DnsError` and :class:`~usher.errors.DnsUnavailable`.
+:func:`parse_key_file` reads the key file ``tsig-keygen`` writes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import logging
+import re
+import time
+from pathlib import Path
+
+import dns.asyncquery
+import dns.exception
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.tsig
+import dns.update
+import dns.xfr
+import dns.zone
+
+from usher.dns.backend import DnsBackend, is_bookkeeping
+from usher.dns.records import Change, ChangeSet, Record, Zones, canonical_name
+from usher.errors import ConfigError, DnsError, DnsUnavailable
+
+__all__ = ["Rfc2136Backend", "parse_key_file"]
+
+log = logging.getLogger(__name__)
+
+_COMMENTS = re.compile(r"/\*.*?\*/|//[^\n]*|#[^\n]*", re.DOTALL)
+_KEY = re.compile(r'key\s+"?([^"\s{]+)"?\s*\{(.*?)\}\s*;', re.DOTALL)
+_ALGORITHM = re.compile(r"algorithm\s+\"?([A-Za-z0-9.-]+)\"?\s*;")
+_SECRET = re.compile(r'secret\s+"([^"]+)"\s*;')
+
+
+def parse_key_file(path: Path | str) -> tuple[str, str, str]:
+    """The ``(name, algorithm, secret)`` of the TSIG key in a BIND key file.
+
+    The file is what ``tsig-keygen`` writes (and ``include`` in named.conf
+    reads): ``key "NAME" { algorithm ALG; secret "BASE64"; };``. Comments are
+    allowed; a file with several keys gives the first.
+
+    Raises:
+        ConfigError: the file cannot be read or holds no complete key.
+    """
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the TSIG key file {path}: {exc.strerror}") from None
+    match = _KEY.search(_COMMENTS.sub("", text))
+    if match is None:
+        raise ConfigError(f"{path} holds no 'key \"NAME\" {{ ... }};' clause")
+    name, body = match.groups()
+    algorithm, secret = _ALGORITHM.search(body), _SECRET.search(body)
+    if algorithm is None or secret is None:
+        raise ConfigError(f"the key {name!r} in {path} lacks its algorithm or secret")
+    return name, algorithm.group(1).lower(), secret.group(1)
+
+
+_RCODE_HINTS = {
+    dns.rcode.REFUSED: "check that the zone grants the key in allow-update (and"
+                       " allow-transfer) and that the server knows the key",
+    dns.rcode.NOTAUTH: "the server is not authoritative for the zone or rejected the TSIG"
+                       " key: check the zone list and the key's name, algorithm and secret",
+    dns.rcode.NOTZONE: "a record lies outside the zone: check the zone list",
+    dns.rcode.SERVFAIL: "the server failed: see its log (BIND 9.18.28 and later refuse an"
+                        " rrset of more records than max-records-per-type, 100 by default,"
+                        " such as a round-robin name with more members)",
+    dns.rcode.NOTIMP: "the server does not do dynamic updates for this zone",
+}
+_TSIG_HINTS: dict[type[Exception], str] = {
+    dns.tsig.PeerBadKey: "the server does not know the key (BADKEY): check its name and"
+                         " algorithm",
+    dns.tsig.PeerBadSignature: "the server rejected the signature (BADSIG): check the secret",
+    dns.tsig.PeerBadTime: "the clocks differ too much (BADTIME): check both clocks",
+}
+
+
+class Rfc2136Backend(DnsBackend):
+    """A site DNS server updated by TSIG-signed RFC 2136 UPDATE over TCP.
+
+    ``server`` is an IP address (no name lookup: DNS may be what is broken).
+    ``key_secret`` is base64, as in the key file. Records are added with TTL
+    ``ttl``. ``timeout_s`` bounds each UPDATE exchange, connection included;
+    ``xfr_lifetime_s`` bounds a whole zone transfer (each of its messages
+    also gets ``timeout_s``).
+
+    Raises:
+        ConfigError: ``server`` is not an IP address or the key is unusable.
+    """
+
+    def __init__(self, server: str, port: int, zones: Zones, key_name: str, key_secret: str,
+                 key_algorithm: str = "hmac-sha256", timeout_s: float = 5.0, *,
+                 ttl: int = 60, max_records_per_message: int = 1000,
+                 xfr_lifetime_s: float = 30.0) -> None:
+        try:
+            ipaddress.ip_address(server)
+        except ValueError:
+            raise ConfigError(f"DNS server {server!r} must be an IP address") from None
+        try:
+            base64.b64decode(key_secret, validate=True)
+            self._key = dns.tsig.Key(key_name, key_secret, key_algorithm)
+        except (binascii.Error, ValueError, dns.exception.DNSException) as exc:
+            raise ConfigError(f"TSIG key {key_name!r} is not usable: {exc}") from None
+        if self._key.algorithm not in dns.tsig.mac_sizes:
+            raise ConfigError(f"TSIG algorithm {key_algorithm!r} is not supported")
+        if not 1 <= max_records_per_message <= 10000:
+            raise ConfigError("max_records_per_message must be between 1 and 10000")
+        self.server = server
+        self.port = port
+        self.zones = zones
+        self.key_name = key_name
+        self.timeout_s = timeout_s
+        self.ttl = ttl
+        self.max_records_per_message = max_records_per_message
+        self.xfr_lifetime_s = xfr_lifetime_s
+        self.updates_sent = 0
+        """UPDATE messages the server accepted (for tests and metrics)."""
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"Rfc2136Backend({self.server}:{self.port}, key {self.key_name!r})"
+
+    @property
+    def _where(self) -> str:
+        return f"DNS server {self.server} port {self.port}"
+
+    # ------------------------------------------------------------ apply
+    async def apply(self, changes: ChangeSet) -> None:
+        """See :meth:`DnsBackend.apply`. Zones are updated one after the other."""
+        self._check_open()
+        for zone, group in sorted(changes.group_by_zone(self.zones).items()):
+            steps = group.changes()
+            for start in range(0, len(steps), self.max_records_per_message):
+                await self._send_update(zone, steps[start:start + self.max_records_per_message])
+
+    def _update_message(self, zone: str, steps: list[Change]) -> dns.update.UpdateMessage:
+        message = dns.update.UpdateMessage(zone, keyring=self._key)
+        for step in steps:
+            record = step.record
+            name = dns.name.from_text(record.name)
+            rdata = dns.rdata.from_text(dns.rdataclass.IN, record.rdtype, record.value,
+                                        origin=dns.name.root, relativize=False)
+            if step.action == "delete":
+                message.delete(name, rdata)
+            else:
+                message.add(name, self.ttl, rdata)
+        return message
+
+    async def _send_update(self, zone: str, steps: list[Change]) -> None:
+        message = self._update_message(zone, steps)
+        started = time.monotonic()
+        response = await self._exchange(message, f"an UPDATE of zone {zone}")
+        rcode = response.rcode()
+        if rcode != dns.rcode.NOERROR:
+            raise DnsError(
+                f"{self._where} refused an UPDATE of zone {zone} with"
+                f" {dns.rcode.to_text(rcode)}: {_RCODE_HINTS.get(rcode, 'see its log')}",
+                details={"zone": zone, "rcode": dns.rcode.to_text(rcode)})
+        self.updates_sent += 1
+        log.debug("UPDATE of %s: %d records in %.3f s", zone, len(steps),
+                  time.monotonic() - started)
+
+    async def _exchange(self, message: dns.message.Message, what: str) -> dns.message.Message:
+        try:
+            return await dns.asyncquery.tcp(message, self.server, timeout=self.timeout_s,
+                                            port=self.port)
+        except Exception as exc:
+            raise self._translate(exc, what) from exc
+
+    def _translate(self, exc: Exception, what: str) -> DnsError:
+        """The usher error for a failure of ``what`` (the one place dnspython's end)."""
+        if isinstance(exc, dns.exception.Timeout | TimeoutError):
+            return DnsUnavailable(f"{self._where} did not answer {what} within"
+                                  f" {self.timeout_s:g} s")
+        if isinstance(exc, OSError | EOFError):
+            reason = getattr(exc, "strerror", None) or str(exc) or "connection closed"
+            return DnsUnavailable(f"cannot reach {self._where} for {what}: {reason}")
+        for kind, hint in _TSIG_HINTS.items():
+            if isinstance(exc, kind):
+                return DnsError(f"{self._where} refused the TSIG key {self.key_name!r} for"
+                                f" {what}: {hint}")
+        if isinstance(exc, dns.xfr.TransferError):
+            rcode = exc.rcode
+            return DnsError(f"{self._where} refused {what} with {dns.rcode.to_text(rcode)}:"
+                            f" check that the zone has allow-transfer {{ key"
+                            f" {self.key_name}; }}", details={"rcode": dns.rcode.to_text(rcode)})
+        if isinstance(exc, dns.exception.DNSException):
+            # An unsigned answer to a signed request lands here: a server that
+            # does not know the key may answer without a TSIG at all.
+            return DnsError(f"{self._where} gave an unusable answer to {what}: {exc}; check"
+                            f" that it knows the TSIG key {self.key_name!r}")
+        return DnsError(f"{what} to {self._where} failed: {exc!r}")
+
+    # ------------------------------------------------------------ read
+    async def read_all(self, zone: str) -> set[Record]:
+        """See :meth:`DnsBackend.read_all`: one TSIG-signed AXFR of ``zone``."""
+        self._check_open()
+        zone = canonical_name(zone)
+        if zone not in self.zones:
+            raise DnsError(f"zone {zone} is not one usher manages ({', '.join(self.zones)})")
+        store = dns.zone.Zone(zone, relativize=False)
+        query, _ = dns.xfr.make_query(store, serial=None, keyring=self._key)
+        what = f"a zone transfer (AXFR) of {zone}"
+        try:
+            await dns.asyncquery.inbound_xfr(self.server, store, query, port=self.port,
+                                             timeout=self.timeout_s,
+                                             lifetime=self.xfr_lifetime_s)
+        except Exception as exc:
+            raise self._translate(exc, what) from exc
+        records = set()
+        for name, _ttl, rdata in store.iterate_rdatas():
+            record = Record.from_rdata(name, rdata)
+            if not is_bookkeeping(record, zone):
+                records.add(record)
+        return records
+
+    # ------------------------------------------------------------ lifetime
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DnsError(f"{self!r} is closed")
+
+    async def close(self) -> None:
+        """See :meth:`DnsBackend.close`: no connection outlives a call, so nothing to free."""
+        self._closed = True
