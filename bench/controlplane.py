@@ -152,7 +152,7 @@ def raw_floor(directory: Path, starts: int) -> dict[str, float]:
 # ==================================================================== the site
 def build_site(directory: Path, lnms: int) -> tuple[Demo, dict[str, Any]]:
     """A demo site whose fake hosts are big enough for the benchmark."""
-    demo = Demo(directory, lnms, None)
+    demo = Demo(directory, lnms, None, addresses=False)
     info = demo.setup()
     for host in info["hosts"]:  # type: ignore[attr-defined]
         path = Path(host["config"])

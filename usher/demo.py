@@ -12,6 +12,11 @@ when it stops every process it started, by PID, and waits for each.
 
 Running it again on the same DIR keeps the site: the database, the users and
 the fake hosts with their domains.
+
+VMs get addresses from the IP range ``demo`` (:data:`DEMO_RANGE`, the
+default range) and names in the controller's embedded DNS server, whose
+address is ``dns`` in ``demo.json``: ``dig @127.0.0.1 -p PORT NAME``.
+``addresses=False`` leaves both out (the control-plane benchmark compares).
 """
 
 from __future__ import annotations
@@ -38,12 +43,14 @@ from usher.config import (
 from usher.directory.client import Directory
 from usher.directory.layout import Layout
 from usher.directory.slapd import Slapd
+from usher.dns.named import free_port
 from usher.errors import Unavailable
 from usher.protocol.pki import SitePki, issue_host_cert_files
 
 SITE = "usher.test"
 USER = "seuss"
 HOST_SIZES = [(4, 8192), (8, 16384), (16, 32768), (2, 4096)]
+DEMO_RANGE = "10.87.0.0/16"
 
 
 def _free_port() -> int:
@@ -59,10 +66,12 @@ def _run(argv: list[str], stdin: str | None = None) -> None:
 
 
 class Demo:
-    def __init__(self, directory: Path, lnms: int, port: int | None) -> None:
+    def __init__(self, directory: Path, lnms: int, port: int | None, *,
+                 addresses: bool = True) -> None:
         self.dir = directory.resolve()
         self.lnms = lnms
         self.port = port
+        self.addresses = addresses
         self.procs: list[subprocess.Popen[bytes]] = []
         self.slapd: Slapd | None = None
 
@@ -78,6 +87,10 @@ class Demo:
                   "--listen", f"127.0.0.1:{port}"])
             cfg = load_toml(ControllerConfig, config)
             cfg.heartbeat_s, cfg.host_lost_after_s = 2.0, 6.0
+            if self.addresses:
+                _run([py, "-m", "usher.controller.cli", "--config", str(config), "range",
+                      "add", "demo", DEMO_RANGE, "--default"])
+                cfg.dns, cfg.dns_listen = "embedded", f"127.0.0.1:{free_port()}"
             config.write_text(to_toml(cfg))
         cfg = load_toml(ControllerConfig, config)
         secret = d / "state" / f"{USER}.password"
@@ -125,6 +138,7 @@ class Demo:
                 "controller": {"address": f"127.0.0.1:{cfg.listen_port}",
                                "config": str(config), "database": cfg.database_url,
                                "ca_cert": cfg.ca_cert},
+                "dns": cfg.dns_listen if cfg.dns == "embedded" else None,
                 "hosts": hosts, "services": {"controller": f"127.0.0.1:{cfg.listen_port}",
                                              "ldap": cfg.ldap_url}}
 
