@@ -83,6 +83,8 @@ class ControllerConfig:
                        "queue (the VM starts; its records wait, shown as pending)")
     dns_timeout_s: float = _f(5.0, "a DNS update or transfer that takes longer fails")
     dns_converge_interval_s: float = _f(300.0, "compare DNS with the database this often")
+    dns_rr_max_members: int = _f(100, "most VMs one round-robin name may answer with "
+                                 "(BIND refuses larger record sets by default)")
     plugins: list[str] = _f(["audit", "kwargfil"], "plugins to load, by name")
     kwargfil: dict[str, dict[str, list[str]]] = _f(
         {"start": {"accept": ["ram", "vcpus", "vmm", "ip_range", "ip", "rr"]}},

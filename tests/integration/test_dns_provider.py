@@ -25,7 +25,7 @@ from usher.client import AsyncClient
 from usher.controller import ipam
 from usher.controller.models import Lease, Outbox, Vm
 from usher.dns import ChangeSet, Named, Rfc2136Backend, Zones
-from usher.errors import Conflict, InvalidOption
+from usher.errors import Conflict, InvalidOption, NoCapacity
 
 SITE_ZONES = ["usher.test", "10.in-addr.arpa"]
 WAIT_S = 5.0
@@ -122,6 +122,20 @@ async def test_round_robin_names_and_vm_names_never_collide(
         names = {v.name for v in await client.list_vms()}
         assert names == {"a.pool.seuss.usher.test", "lone.seuss.usher.test"}
         assert count(controller, Lease) == 2
+    finally:
+        await client.close()
+
+
+async def test_round_robin_membership_is_capped(make_controller: MakeController) -> None:
+    controller = await make_controller(setup=lab_range, dns="embedded",
+                                       dns_listen="127.0.0.1:0", dns_rr_max_members=3)
+    await controller.start_node("h1.usher.test")
+    client = await client_of(controller)
+    try:
+        await client.wait_all(await client.start(["{1..3}.pool"], ram=64, rr=True), WAIT_S)
+        with pytest.raises(NoCapacity, match="round-robin name pool.seuss.usher.test has 3"):
+            await client.start(["4.pool"], ram=64, rr=True)
+        await client.wait_all(await client.start(["4.pool"], ram=64), WAIT_S)  # a plain one
     finally:
         await client.close()
 

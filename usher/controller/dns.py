@@ -46,7 +46,14 @@ from usher.controller.models import Outbox
 from usher.controller.providers import Placement, Provider, Row
 from usher.controller.state import Registry, VmRec
 from usher.dns import ChangeSet, DnsBackend, Record, Zones, owner_marker, vm_records
-from usher.errors import Conflict, DnsError, DnsUnavailable, InvalidOption, UsherError
+from usher.errors import (
+    Conflict,
+    DnsError,
+    DnsUnavailable,
+    InvalidOption,
+    NoCapacity,
+    UsherError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +104,12 @@ class DnsProvider(Provider):
             raise Conflict(f"{vm.name} is the round-robin name of its cluster "
                            f"({len(members)} member(s)); choose another name")
         if placement.rr:
+            members = self._rr_members.get(vm.cluster, set())
+            if len(members) >= self.config.dns_rr_max_members:
+                raise NoCapacity(f"the round-robin name {vm.cluster} has {len(members)} "
+                                 f"members, the most allowed (dns_rr_max_members); start "
+                                 f"without --rr or destroy a member",
+                                 details={"short": "rr_members"})
             if vm.cluster in self._reg.by_name:
                 raise Conflict(f"VM {vm.cluster} holds that name: it cannot also be the "
                                f"round-robin name of cluster {vm.cluster}; destroy it or "

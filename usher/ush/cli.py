@@ -4,10 +4,16 @@
   ush config holds a password, else the user types ``connect``.
 * ``ush 'start web1' 'list'``: each argument is one command line, run in
   order after connecting from the config; each command's tasks are waited for
-  before the next. Commands piped to ``ush`` on stdin run the same way.
-  The exit status is 0 if every command and task succeeded, else the exit
-  code of the first failure (see :mod:`usher.errors`; 1 for a usage error or
-  a failed task).
+  before the next. Commands piped to ``ush`` on stdin run the same way (at
+  most :data:`~usher.ush.batch.MAX_STDIN_CHARS` of them, read before any
+  runs). The exit status is 0 if every command and task succeeded, else the
+  exit code of the first failure (see :mod:`usher.errors`; 1 for a usage
+  error or a failed task).
+
+Batch input runs without cmd2 (:mod:`usher.ush.batch`) unless it needs the
+cmd2 shell, which is imported only then and for the interactive shell: this
+module must not import cmd2, as loading it costs a script's ``ush list``
+about 0.3 s.
 
 The config is layered ``/etc/usher/ush.config`` < ``~/.usher/ush.config`` <
 ``$USH_CONFIG`` (:func:`usher.config.load_ush_config`); a bad config ends ush
@@ -22,11 +28,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from usher.config import load_ush_config
-from usher.errors import ConfigError
-from usher.ush.shell import UshApp
+from usher.config import UshConfig, load_ush_config
+from usher.errors import ConfigError, UsherError
+from usher.ush.batch import BatchRunner, StreamSink, plan, read_lines, wants_colour
 
-__all__ = ["USAGE", "main"]
+__all__ = ["USAGE", "main", "run_batch"]
 
 USAGE = """\
 usage: ush [COMMAND ...]
@@ -56,14 +62,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     try:
         if args:
-            return UshApp(config, interactive=False).run_commands(args)
+            return run_batch(config, args)
         if not sys.stdin.isatty():
-            return UshApp(config, interactive=False).run_commands(sys.stdin)
+            try:
+                lines = read_lines(sys.stdin)
+            except UsherError as exc:
+                sys.stderr.write(f"error: {exc.message}\n")
+                return exc.exit_code
+            return run_batch(config, lines)
+        from usher.ush.shell import UshApp  # cmd2: only the interactive shell pays for it
+
         app = UshApp(config, interactive=True)
         app.cmdloop()
         return app.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def run_batch(config: UshConfig, lines: Sequence[str]) -> int:
+    """Run batch ``lines`` without cmd2 when it can, else in the cmd2 shell."""
+    steps = plan(lines)
+    if steps is None:
+        # Some line needs the cmd2 shell (see usher.ush.batch); it runs them all.
+        from usher.ush.shell import UshApp
+
+        return UshApp(config, interactive=False).run_commands(lines)
+    sink = StreamSink(colour_errors=wants_colour(sys.stderr, os.environ))
+    return BatchRunner(config, sink).run(steps)
 
 
 if __name__ == "__main__":

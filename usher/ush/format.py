@@ -136,19 +136,25 @@ def vm_table(vms: Sequence[VmInfo], domain: str | None, now: float, *,
              long: bool = False) -> str:
     """The ``list`` table: NAME STATE HOST IP RAM VCPUS UPTIME REASON.
 
-    ``long`` adds OWNER, CLUSTER, MAC and UUID before REASON. RAM is in MiB.
+    ``long`` adds OWNER, CLUSTER, MAC, UUID and DNS (``ok``, ``pending``, and
+    ``+rr`` for round-robin members) before REASON. RAM is in MiB. Records
+    still waiting for the DNS server show as ``DNS pending`` in REASON.
     """
     headers = ["NAME", "STATE", "HOST", "IP", "RAM", "VCPUS", "UPTIME"]
     if long:
-        headers += ["OWNER", "CLUSTER", "MAC", "UUID"]
+        headers += ["OWNER", "CLUSTER", "MAC", "UUID", "DNS"]
     headers.append("REASON")
     rows = []
     for vm in sorted(vms, key=lambda v: v.name):
         row = [relative_name(vm.name, domain), vm.state, vm.host or _NONE, vm.ip or _NONE,
                f"{vm.memory_mib}M", str(vm.vcpus), _uptime(vm, now)]
         if long:
-            row += [vm.owner, relative_name(vm.cluster, domain), vm.mac, vm.uuid]
-        row.append(vm.reason)
+            dns = (vm.dns or _NONE) + ("+rr" if vm.rr else "")
+            row += [vm.owner, relative_name(vm.cluster, domain), vm.mac, vm.uuid, dns]
+        reason = vm.reason
+        if vm.dns == "pending":
+            reason = f"DNS pending; {reason}" if reason else "DNS pending"
+        row.append(reason)
         rows.append(row)
     return render_table(headers, rows, right=(4, 5))
 

@@ -1,33 +1,25 @@
 """ush commands about the session itself: ``connect`` and ``reconnect``.
 
-``quit``, ``help`` (and ``?``) and ``history`` are cmd2's own built-ins.
-A password is never taken on the command line (it would land in the
-history and in ``ps``): it comes from the ush config or is asked for.
+``quit``, ``help`` (and ``?``) and ``history`` are cmd2's own built-ins (the
+batch runner does ``quit`` itself). A password is never taken on the command
+line (it would land in the history and in ``ps``): it comes from the ush
+config or is asked for. Each verb is a parser builder (see :mod:`.parsers`)
+beside its body, free of cmd2.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
-
-from cmd2 import Cmd2ArgumentParser, CommandSet, RawDescriptionCmd2HelpFormatter, with_argparser
 
 from usher.errors import UsherError
+from usher.ush.parsers import Command, P, ParserKit
+from usher.ush.session import Session
 
-if TYPE_CHECKING:
-    from usher.ush.shell import UshApp  # noqa: F401 - named in the CommandSet base
-
-__all__ = ["SessionCommands"]
+__all__ = ["COMMANDS"]
 
 
-class SessionCommands(CommandSet["UshApp"]):
-    """Connecting to the controller."""
-
-    DEFAULT_CATEGORY = "Session"
-
-    connect_parser = Cmd2ArgumentParser(
-        formatter_class=RawDescriptionCmd2HelpFormatter,
-        description="""\
+def connect_parser(kit: ParserKit[P]) -> P:
+    parser = kit.parser("connect", """\
 connect to an Usher controller
 
 Logs in to the controller named in the ush config (or --controller) as your
@@ -39,33 +31,32 @@ session; a failed one keeps it.
 example:
   connect
   connect --user seuss --controller usher.example.org:7443""")
-    connect_parser.add_argument("--user", metavar="U", help="user name to log in as")
-    connect_parser.add_argument("--controller", metavar="HOST:PORT",
-                                help="controller address (default: from the ush config)")
+    parser.add_argument("--user", metavar="U", help="user name to log in as")
+    parser.add_argument("--controller", metavar="HOST:PORT",
+                        help="controller address (default: from the ush config)")
+    return parser
 
-    @with_argparser(connect_parser)
-    def do_connect(self, args: argparse.Namespace) -> None:
-        """connect to an Usher controller"""
-        app = self._cmd
-        config = app.config
-        user = args.user or app.default_user()
-        controller = args.controller or config.controller
-        password: str | None = None
-        if config.password and user == app.default_user():
-            password = config.password
-        else:
-            try:
-                password = app.ask_password(f"password for {user}@{controller}: ")
-            except UsherError as exc:  # no terminal to ask on
-                app.report_error(exc)
-                return
-            if password is None:
-                return
-        app.open_session(controller, user, password)
 
-    reconnect_parser = Cmd2ArgumentParser(
-        formatter_class=RawDescriptionCmd2HelpFormatter,
-        description="""\
+def connect(session: Session, args: argparse.Namespace) -> None:
+    config = session.config
+    user = args.user or session.default_user()
+    controller = args.controller or config.controller
+    password: str | None = None
+    if config.password and user == session.default_user():
+        password = config.password
+    else:
+        try:
+            password = session.ask_password(f"password for {user}@{controller}: ")
+        except UsherError as exc:  # no terminal to ask on
+            session.report_error(exc)
+            return
+        if password is None:
+            return
+    session.open(controller, user, password)
+
+
+def reconnect_parser(kit: ParserKit[P]) -> P:
+    return kit.parser("reconnect", """\
 reconnect to Usher Controller after disconnect
 
 ush reconnects on its own after a lost connection; this command is the way
@@ -76,7 +67,12 @@ disconnected are printed after reconnecting.
 example:
   reconnect""")
 
-    @with_argparser(reconnect_parser)
-    def do_reconnect(self, args: argparse.Namespace) -> None:
-        """reconnect to Usher Controller after disconnect"""
-        self._cmd.reconnect_session()
+
+def reconnect(session: Session, args: argparse.Namespace) -> None:
+    session.reconnect()
+
+
+COMMANDS = (
+    Command("connect", connect_parser, connect),
+    Command("reconnect", reconnect_parser, reconnect),
+)

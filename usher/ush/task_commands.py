@@ -2,26 +2,22 @@
 
 Every mutation runs as one task per VM. Task ids are shown by their first
 characters (``task 3f2a1b2c start web1: accepted``); ``wait`` takes such a
-prefix as long as it names one of the caller's recent tasks.
+prefix as long as it names one of the caller's recent tasks. Each verb is a
+parser builder (see :mod:`.parsers`) beside its body, free of cmd2.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from typing import TYPE_CHECKING
-
-from cmd2 import Cmd2ArgumentParser, CommandSet, RawDescriptionCmd2HelpFormatter, with_argparser
 
 from usher.client import Client
 from usher.errors import InvalidRequest
 from usher.ush import format as fmt
-from usher.ush.vm_commands import positive_int
+from usher.ush.parsers import Command, P, ParserKit, positive_int
+from usher.ush.session import Session
 
-if TYPE_CHECKING:
-    from usher.ush.shell import UshApp  # noqa: F401 - named in the CommandSet base
-
-__all__ = ["TaskCommands", "resolve_task_id"]
+__all__ = ["COMMANDS", "resolve_task_id"]
 
 # How far back a short task id is looked up.
 PREFIX_LOOKUP_LIMIT = 500
@@ -43,14 +39,8 @@ def resolve_task_id(client: Client, typed: str) -> str:
     return matches.pop()
 
 
-class TaskCommands(CommandSet["UshApp"]):
-    """Following the tasks that VM commands start."""
-
-    DEFAULT_CATEGORY = "Tasks"
-
-    tasks_parser = Cmd2ArgumentParser(
-        formatter_class=RawDescriptionCmd2HelpFormatter,
-        description="""\
+def tasks_parser(kit: ParserKit[P]) -> P:
+    parser = kit.parser("tasks", """\
 list your recent tasks
 
 Lists your tasks, newest first: id, operation, VM, state (queued, running,
@@ -60,29 +50,27 @@ example:
   tasks
   tasks --active
   tasks --json --limit 10""")
-    tasks_parser.add_argument("--active", action="store_true",
-                              help="only tasks that have not ended")
-    tasks_parser.add_argument("--limit", type=positive_int, default=50, metavar="N",
-                              help="at most N tasks (default: 50)")
-    tasks_parser.add_argument("--json", action="store_true", help="print a JSON array")
+    parser.add_argument("--active", action="store_true", help="only tasks that have not ended")
+    parser.add_argument("--limit", type=positive_int, default=50, metavar="N",
+                        help="at most N tasks (default: 50)")
+    parser.add_argument("--json", action="store_true", help="print a JSON array")
+    return parser
 
-    @with_argparser(tasks_parser)
-    def do_tasks(self, args: argparse.Namespace) -> None:
-        """list your recent tasks"""
-        app = self._cmd
-        tasks = app.call(lambda c: c.tasks(limit=args.limit, active_only=args.active))
-        if tasks is None:
-            return
-        if args.json:
-            app.poutput(fmt.to_json(tasks))
-        elif not tasks:
-            app.poutput("no active tasks" if args.active else "no tasks")
-        else:
-            app.poutput(fmt.task_table(tasks, app.domain, time.time()))
 
-    wait_parser = Cmd2ArgumentParser(
-        formatter_class=RawDescriptionCmd2HelpFormatter,
-        description="""\
+def list_tasks(session: Session, args: argparse.Namespace) -> None:
+    tasks = session.call(lambda c: c.tasks(limit=args.limit, active_only=args.active))
+    if tasks is None:
+        return
+    if args.json:
+        session.output(fmt.to_json(tasks))
+    elif not tasks:
+        session.output("no active tasks" if args.active else "no tasks")
+    else:
+        session.output(fmt.task_table(tasks, session.domain, time.time()))
+
+
+def wait_parser(kit: ParserKit[P]) -> P:
+    parser = kit.parser("wait", """\
 wait until a task ends
 
 Blocks until the task ends and prints how it ended (Ctrl-C stops waiting;
@@ -91,14 +79,19 @@ the task runs on). ID may be the short id shown when the task was accepted.
 example:
   wait 3f2a1b2c
   wait 3f2a1b2c --timeout 60""")
-    wait_parser.add_argument("id", metavar="ID", help="task id, or the start of one")
-    wait_parser.add_argument("--timeout", type=positive_int, default=600, metavar="S",
-                             help="give up after S seconds (default: 600)")
+    parser.add_argument("id", metavar="ID", help="task id, or the start of one")
+    parser.add_argument("--timeout", type=positive_int, default=600, metavar="S",
+                        help="give up after S seconds (default: 600)")
+    return parser
 
-    @with_argparser(wait_parser)
-    def do_wait(self, args: argparse.Namespace) -> None:
-        """wait until a task ends"""
-        app = self._cmd
-        info = app.call(lambda c: c.wait(resolve_task_id(c, args.id), args.timeout))
-        if info is not None:
-            app.announce(info, again=True)
+
+def wait_task(session: Session, args: argparse.Namespace) -> None:
+    info = session.call(lambda c: c.wait(resolve_task_id(c, args.id), args.timeout))
+    if info is not None:
+        session.announce(info, again=True)
+
+
+COMMANDS = (
+    Command("tasks", tasks_parser, list_tasks),
+    Command("wait", wait_parser, wait_task),
+)

@@ -2,128 +2,97 @@
 
 Batch mode (``ush 'cmd' 'cmd'``): each command's tasks are waited for and
 their completions printed before the next command; errors are one line on
-stderr; the exit status is the first failure's. The wiring of pushes,
-reconnect news and completion is checked here too; the controller's own
+stderr; the exit status is the first failure's. Every run is checked twice,
+through the cmd2-free batch runner and through the cmd2 shell it falls back
+to, so the two stay the same. How lines are planned (and which go to cmd2),
+and how the batch sink prints, are checked here too; the controller's own
 behaviour is the end-to-end tests' business.
 """
 
 from __future__ import annotations
 
-import asyncio
+import argparse
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
+from cmd2.parsing import StatementParser
 
 from tests.unit.client.fake_controller import DOMAIN, PASSWORD, USER, FakeController, Pki
+from tests.unit.ush.conftest import Cluster
 from usher.config import UshConfig
-from usher.errors import InvalidState, TaskNotFound
-from usher.protocol.connection import Connection
-from usher.protocol.ops import Accepted, HostInfo, TaskInfo, VmInfo
+from usher.errors import InvalidRequest, InvalidState
+from usher.ush.batch import (
+    COMMANDS,
+    BatchRunner,
+    Step,
+    StreamSink,
+    plan,
+    read_lines,
+    split_line,
+    wants_colour,
+)
+from usher.ush.parsers import Command
+from usher.ush.session import Session
 from usher.ush.shell import UshApp
 
 pytestmark = pytest.mark.timeout(30)
 
 
-class Cluster:
-    """Just enough controller behaviour: tasks that end by push a moment later."""
-
-    def __init__(self, fake: FakeController) -> None:
-        self.vms: dict[str, VmInfo] = {}
-        self.tasks: dict[str, TaskInfo] = {}
-        self.ended: dict[str, asyncio.Event] = {}
-        fake.handlers.update({"vm.start": self.start, "vm.list": self.list_vms,
-                              "host.list": self.hosts, "task.wait": self.wait,
-                              "task.list": self.task_list, "session.complete": self.complete,
-                              "vm.shutdown": self.refuse})
-
-    async def start(self, conn: Connection, args: Any, rid: str) -> Accepted:
-        accepted = []
-        for name in args.names:
-            fqdn = f"{name}.{DOMAIN}"
-            info = TaskInfo(id=f"{len(self.tasks) + 1:04d}beef{len(self.tasks):04d}",
-                            op="vm.start", vm=fqdn, state="queued", user=USER)
-            self.tasks[info.id] = info
-            self.ended[info.id] = asyncio.Event()
-            accepted.append(info)
-            asyncio.get_running_loop().call_later(0.05, self._finish, conn, info,
-                                                  args.options.ram or 256)
-        return Accepted(tasks=accepted)
-
-    def _finish(self, conn: Connection, info: TaskInfo, ram: int) -> None:
-        name = info.vm.split(".")[0]
-        if name == "bad":
-            end = TaskInfo(id=info.id, op=info.op, vm=info.vm, state="error", user=USER,
-                           message="no host has enough memory")
-        else:
-            end = TaskInfo(id=info.id, op=info.op, vm=info.vm, state="done", user=USER,
-                           vm_state="running")
-            self.vms[info.vm] = VmInfo(name=info.vm, uuid="u", state="running", owner=USER,
-                                       cluster=DOMAIN, host="vmm1", memory_mib=ram, vcpus=1,
-                                       mac="52:54:00:00:00:01")
-        self.tasks[info.id] = end
-        self.ended[info.id].set()
-        conn.push("task", end)
-
-    async def list_vms(self, conn: Connection, args: Any, rid: str) -> list[VmInfo]:
-        return list(self.vms.values())
-
-    async def hosts(self, conn: Connection, args: Any, rid: str) -> list[HostInfo]:
-        return [HostInfo(name="vmm1", state="up", hypervisor="qemu", cpus=8, memory_mib=8192,
-                         used_memory_mib=256, used_vcpus=1, vm_count=1)]
-
-    async def wait(self, conn: Connection, args: Any, rid: str) -> TaskInfo:
-        event = self.ended.get(args.id)
-        if event is None:
-            raise TaskNotFound(f"no task {args.id}")
-        await event.wait()
-        return self.tasks[args.id]
-
-    async def task_list(self, conn: Connection, args: Any, rid: str) -> list[TaskInfo]:
-        return [t for t in reversed(self.tasks.values()) if not args.ids or t.id in args.ids]
-
-    async def complete(self, conn: Connection, args: Any, rid: str) -> list[str]:
-        if args.kind == "host":
-            return ["vmm1"]
-        return [n for n in self.vms if n.startswith(args.prefix)]
-
-    async def refuse(self, conn: Connection, args: Any, rid: str) -> Accepted:
-        raise InvalidState("web1 is stopped; shutdown needs a running VM")
-
-
-@pytest.fixture
-def cluster(controller: FakeController) -> Cluster:
-    return Cluster(controller)
-
-
-def make_app(pki: Pki, port: int, **config: Any) -> UshApp:
+def make_config(pki: Pki, port: int, **config: Any) -> UshConfig:
     settings: dict[str, Any] = dict(controller=f"127.0.0.1:{port}", ca_cert=str(pki.ca),
                                     user=USER, password=PASSWORD, history_file="")
     settings.update(config)
-    return UshApp(UshConfig(**settings), interactive=False, stdin=io.StringIO(),
-                  stdout=io.StringIO())
+    return UshConfig(**settings)
+
+
+class Runner:
+    """Runs batch lines one way (``batch`` or ``cmd2``) and keeps what went to stdout."""
+
+    def __init__(self, kind: str, config: UshConfig) -> None:
+        self.kind = kind
+        self.stdout = io.StringIO()
+        if kind == "batch":
+            self.batch = BatchRunner(config, StreamSink(stdout=self.stdout), stdin=io.StringIO())
+        else:
+            self.app = UshApp(config, interactive=False, stdin=io.StringIO(),
+                              stdout=self.stdout)
+
+    def run(self, lines: Sequence[str]) -> int:
+        if self.kind == "cmd2":
+            return self.app.run_commands(lines)
+        steps = plan(lines)
+        assert steps is not None, f"{lines} would go to cmd2"
+        return self.batch.run(steps)
+
+    def out(self) -> list[str]:
+        return self.stdout.getvalue().splitlines()
+
+    def close(self) -> None:
+        (self.batch.session if self.kind == "batch" else self.app.session).close()
+
+
+@pytest.fixture(params=["batch", "cmd2"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture
-def app(pki: Pki, controller: FakeController, cluster: Cluster) -> Iterator[UshApp]:
-    shell = make_app(pki, controller.port)
-    yield shell
-    shell.close_session()
+def runner(kind: str, pki: Pki, controller: FakeController, cluster: Cluster,
+           ) -> Iterator[Runner]:
+    run = Runner(kind, make_config(pki, controller.port))
+    yield run
+    run.close()
 
 
-def out(app: UshApp) -> list[str]:
-    stream = app.stdout
-    assert isinstance(stream, io.StringIO)
-    return stream.getvalue().splitlines()
-
-
-def test_commands_run_in_order_waiting_for_their_tasks(app: UshApp,
+# --------------------------------------------------------- running commands
+def test_commands_run_in_order_waiting_for_their_tasks(runner: Runner,
                                                        controller: FakeController) -> None:
-    status = app.run_commands(["start web1 {1..2}.db --ram 512", "list"])
+    status = runner.run(["start web1 {1..2}.db --ram 512", "list"])
     assert status == 0
-    lines = out(app)
+    lines = runner.out()
     assert lines[:4] == [
         "task 0001beef start web1: accepted",
         "task 0002beef start {1..2}.db: accepted",
@@ -136,64 +105,176 @@ def test_commands_run_in_order_waiting_for_their_tasks(app: UshApp,
     assert start.names == ["web1", "{1..2}.db"] and start.options.ram == 512
 
 
-def test_failed_task_fails_the_run(app: UshApp, capsys: pytest.CaptureFixture[str]) -> None:
-    status = app.run_commands(["start bad web1", "vmm_list"])
+def test_failed_task_fails_the_run(runner: Runner, capsys: pytest.CaptureFixture[str]) -> None:
+    status = runner.run(["start bad web1", "vmm_list"])
     assert status == 1
     assert "bad: start FAILED: no host has enough memory" in capsys.readouterr().err
-    lines = out(app)
+    lines = runner.out()
     assert "web1: start done (running)" in lines
     assert lines[-2].split() == ["NAME", "STATE", "CPUS", "MEM(MiB)", "USED", "VMS"]
 
 
-def test_refused_command_is_one_error_line(app: UshApp,
+def test_refused_command_is_one_error_line(runner: Runner,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    status = app.run_commands(["shutdown web1", "vmm_list --json"])
+    status = runner.run(["shutdown web1", "vmm_list --json"])
     assert status == InvalidState.exit_code
     assert capsys.readouterr().err == \
         "error: web1 is stopped; shutdown needs a running VM\n"
     # stdout holds only the JSON of the command that worked.
-    assert json.loads("\n".join(out(app)))[0]["name"] == "vmm1"
+    assert json.loads("\n".join(runner.out()))[0]["name"] == "vmm1"
 
 
-def test_json_output_is_parseable(app: UshApp) -> None:
-    assert app.run_commands(["start web1", "list --json"]) == 0
-    lines = out(app)
+def test_json_output_is_parseable(runner: Runner) -> None:
+    assert runner.run(["start web1", "list --json"]) == 0
+    lines = runner.out()
     data = json.loads("\n".join(lines[lines.index("[") :]))
     assert [vm["name"] for vm in data] == [f"web1.{DOMAIN}"]
 
 
-def test_wait_takes_a_short_id(app: UshApp, cluster: Cluster) -> None:
-    assert app.run_commands(["start web1", "wait 0001", "tasks"]) == 0
-    lines = out(app)
+def test_wait_takes_a_short_id(runner: Runner) -> None:
+    assert runner.run(["start web1", "wait 0001", "tasks"]) == 0
+    lines = runner.out()
     assert lines.count("web1: start done (running)") == 2, "wait prints the outcome again"
     assert lines[-2].split()[:4] == ["ID", "OP", "NAME", "STATE"]
 
 
-def test_unreachable_controller(pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
-    status = make_app(pki, 1).run_commands(["list"])
+def test_quit_stops_and_blank_and_comment_lines_are_skipped(runner: Runner) -> None:
+    assert runner.run(["\n", "  # a comment\n", "vmm_list\n", "quit\n", "list\n"]) == 0
+    lines = runner.out()
+    assert lines[0].startswith("NAME") and len(lines) == 2, "list never ran"
+
+
+def test_connect_replaces_the_session(runner: Runner, controller: FakeController) -> None:
+    assert runner.run(["connect", "vmm_list"]) == 0
+    assert runner.out()[0] == f"connected to 127.0.0.1:{controller.port} as {USER} " \
+        f"(domain {DOMAIN})"
+    assert controller.hellos == 2
+
+
+def test_connect_as_another_user_needs_a_terminal(runner: Runner,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert runner.run(["connect --user other", "vmm_list"]) == 10
+    assert capsys.readouterr().err.startswith("error: no password in the ush config")
+    assert runner.out()[0].startswith("NAME"), "the session carries on"
+
+
+def test_unreachable_controller(kind: str, pki: Pki,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    status = Runner(kind, make_config(pki, 1)).run(["list"])
     assert status == 6
     assert capsys.readouterr().err.startswith("error: cannot connect to 127.0.0.1:1: ")
 
 
-def test_wrong_password(pki: Pki, controller: FakeController,
+def test_wrong_password(kind: str, pki: Pki, controller: FakeController,
                         capsys: pytest.CaptureFixture[str]) -> None:
-    status = make_app(pki, controller.port, password="nope").run_commands(["list"])
+    status = Runner(kind, make_config(pki, controller.port, password="nope")).run(["list"])
     assert status == 5
     assert capsys.readouterr().err == "error: wrong user name or password\n"
     assert controller.hellos == 1
 
 
-def test_completion_and_reconnect_news(app: UshApp, controller: FakeController,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
-    assert app.connect_from_config(quiet=True)
-    app.onecmd_plus_hooks("start web1 web2")
-    assert app.complete_names("vm", "") == ["web1", "web2"]
-    assert app.complete_names("host", "v") == ["vmm1"]
-    loop: asyncio.AbstractEventLoop = controller.loop  # type: ignore[attr-defined]
-    loop.call_soon_threadsafe(controller.drop_all)
-    app.onecmd_plus_hooks("vmm_list")
-    assert out(app)[-2].startswith("NAME")
-    err = capsys.readouterr().err
-    assert "connection lost" in err and "reconnecting..." in err
-    assert "reconnected" in err
-    assert app.exit_status == 0
+def test_a_bug_in_a_command_fails_the_run_and_the_next_runs(
+        pki: Pki, controller: FakeController, cluster: Cluster,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    def broken(session: Session, args: argparse.Namespace) -> None:
+        raise RuntimeError("oops")
+
+    runner = Runner("batch", make_config(pki, controller.port))
+    steps = plan(["vmm_list"])
+    assert steps is not None
+    bug = Step(Command("list", COMMANDS["list"].build_parser, broken), argparse.Namespace())
+    assert runner.batch.run([bug, *steps]) == 1
+    assert capsys.readouterr().err == "RuntimeError: oops\n"
+    assert runner.out()[0].startswith("NAME")
+
+
+# ------------------------------------------------------------------ planning
+@pytest.mark.parametrize("line", [
+    "help", "help start", "?", "?start", "history", "quit now", "bogus", "shell ls", "!ls",
+    "eof", "list; vmm_list", "list | grep web", "list > out.txt", "list >> out.txt",
+    "list 'web1", 'start "a b', "start", "start -h", "list --help", "list --he",
+    "start web1 --ram 0", "wait", "vmm_disable a b", "connect --password x", '"list"',
+    "list\"x\"",
+])
+def test_lines_only_cmd2_runs_alike_go_to_cmd2(line: str) -> None:
+    assert plan(["vmm_list", line]) is None
+
+
+def test_plan_parses_every_line_before_running() -> None:
+    steps = plan(["start {1..2}.web --ram 512\n", "\n", "# note\n", "list -l --json",
+                  "quit", "help"])
+    assert steps is not None
+    assert [s.command.name if s.command else "quit" for s in steps] == ["start", "list",
+                                                                        "quit"]
+    assert steps[0].args.names == ["{1..2}.web"] and steps[0].args.ram == 512
+    assert steps[1].args.long and steps[1].args.json
+
+
+def test_plan_of_nothing_is_nothing() -> None:
+    assert plan([]) == [] and plan(["", "# only a comment"]) == []
+
+
+@pytest.mark.parametrize("line", [
+    "start web1 {1..4}.db --ram 512", "start 'a b' \"c d\" e", "start a\"b c\" d",
+    "start x\\ y", "start 'it''s'", "list \"\" ''", "start \"'x'\"", "list  web1\t  web2 ",
+    "start web1 #2", "start -- -x",
+])
+def test_lines_split_as_cmd2_splits_them(line: str) -> None:
+    assert split_line(line) == StatementParser().parse(line).argv
+
+
+def test_batch_and_cmd2_know_the_same_verbs() -> None:
+    app = UshApp(UshConfig(history_file=""), interactive=False, stdin=io.StringIO(),
+                 stdout=io.StringIO())
+    assert set(COMMANDS) | {"help", "history", "quit"} == set(app.get_visible_commands())
+
+
+# --------------------------------------------------------------------- stdin
+def test_stdin_is_read_whole_and_split_as_a_file_iterates() -> None:
+    text = "start web1\r\nlist\x0bweb1\n\nvmm_list"
+    assert read_lines(io.StringIO(text)) == list(io.StringIO(text))
+    assert read_lines(io.StringIO("list\n" * 4), limit=20) == ["list\n"] * 4
+
+
+def test_stdin_is_bounded() -> None:
+    with pytest.raises(InvalidRequest, match="more than 20 characters"):
+        read_lines(io.StringIO("list\n" * 5), limit=20)
+
+
+# ---------------------------------------------------------------------- sink
+def test_sink_splits_stdout_and_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    sink = StreamSink()
+    sink.out("table")
+    sink.err("error: no", error=True)
+    sink.err("web1: now running", error=False)
+    assert capsys.readouterr() == ("table\n", "error: no\nweb1: now running\n")
+
+
+def test_sink_keeps_the_terminal_safe_and_colours_errors_like_cmd2() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    sink = StreamSink(out, err, colour_errors=True)
+    sink.out("a\tb\x1b[2Jc\x07d")
+    sink.err("error: x", error=True)
+    sink.err("status", error=False)
+    assert out.getvalue() == "a       bcd\n"
+    assert err.getvalue() == "\x1b[91merror: x\x1b[0m\nstatus\n"
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("tty", "environ", "expected"), [
+    (True, {}, True),
+    (False, {}, False),
+    (True, {"NO_COLOR": "1"}, False),
+    (True, {"NO_COLOR": ""}, True),
+    (False, {"FORCE_COLOR": "1"}, True),
+    (True, {"FORCE_COLOR": ""}, False),
+    (True, {"TTY_COMPATIBLE": "0", "FORCE_COLOR": "1"}, False),
+    (False, {"TTY_COMPATIBLE": "1"}, True),
+])
+def test_errors_are_coloured_where_cmd2_colours_them(tty: bool, environ: dict[str, str],
+                                                     expected: bool) -> None:
+    assert wants_colour(Tty() if tty else io.StringIO(), environ) is expected

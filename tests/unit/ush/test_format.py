@@ -123,8 +123,20 @@ def test_vm_table_long() -> None:
     lines = fmt.vm_table([vm(f"1.{cluster}", cluster=cluster)], DOMAIN, NOW,
                          long=True).splitlines()
     assert lines[0].split() == ["NAME", "STATE", "HOST", "IP", "RAM", "VCPUS", "UPTIME",
-                                "OWNER", "CLUSTER", "MAC", "UUID", "REASON"]
-    assert lines[1].split()[7:] == ["seuss", "bluefish", "52:54:00:12:34:56", "5f0c"]
+                                "OWNER", "CLUSTER", "MAC", "UUID", "DNS", "REASON"]
+    assert lines[1].split()[7:] == ["seuss", "bluefish", "52:54:00:12:34:56", "5f0c", "-"]
+
+
+def test_vm_table_shows_dns_state() -> None:
+    vms = [vm(f"a.{DOMAIN}", ip="10.0.0.5", dns="pending"),
+           vm(f"b.{DOMAIN}", ip="10.0.0.6", dns="ok", rr=True, reason="held by policy")]
+    rows = [line.split() for line in fmt.vm_table(vms, DOMAIN, NOW).splitlines()[1:]]
+    assert rows[0][-2:] == ["DNS", "pending"]
+    assert rows[1][-3:] == ["held", "by", "policy"]
+    long = [line.split() for line in fmt.vm_table(vms, DOMAIN, NOW, long=True)
+            .splitlines()[1:]]
+    assert long[0][11:] == ["pending", "DNS", "pending"]
+    assert long[1][11] == "ok+rr"
 
 
 def test_host_table() -> None:

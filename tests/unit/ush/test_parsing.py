@@ -1,7 +1,8 @@
 """Tests of ush's command line: each verb's parser, its help, and what was removed.
 
-The parsers are the ones the app actually runs (cmd2 builds one per command
-from the parser beside it); no controller is needed.
+The parsers are the ones the cmd2 app actually runs (cmd2 builds one per
+command from the verb's builder); the batch runner's plain parsers, from the
+same builders, must agree with them. No controller is needed.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import pytest
 from cmd2 import Cmd2ArgumentParser
 
 from usher.config import UshConfig
-from usher.errors import InvalidOption
-from usher.ush.shell import REMOVED_BUILTINS, UshApp, parse_controller
+from usher.ush.batch import COMMANDS
+from usher.ush.parsers import PLAIN_KIT, ParseRefused
+from usher.ush.shell import REMOVED_BUILTINS, UshApp
 
 VERBS = {
     "connect", "reconnect", "start", "shutdown", "reboot", "cycle", "destroy", "pause",
@@ -30,7 +32,7 @@ def app() -> Iterator[UshApp]:
     shell = UshApp(UshConfig(history_file=""), interactive=False, stdin=io.StringIO(),
                    stdout=io.StringIO())
     yield shell
-    shell.close_session()
+    shell.session.close()
 
 
 def parser_of(app: UshApp, command: str) -> Cmd2ArgumentParser:
@@ -85,10 +87,12 @@ def test_start_options(app: UshApp) -> None:
     assert (args.ram, args.vcpus, args.vmm) == (None, None, None)
 
 
-@pytest.mark.parametrize("line", ["start", "start web1 --ram 0", "start web1 --ram lots",
-                                  "start web1 --vcpus -1", "shutdown", "destroy",
-                                  "migrate --vmm vmm2", "vmm_disable", "wait",
-                                  "vmm_disable a b", "list --bogus", "connect --password x"])
+USAGE_ERRORS = ["start", "start web1 --ram 0", "start web1 --ram lots", "start web1 --vcpus -1",
+                "shutdown", "destroy", "migrate --vmm vmm2", "vmm_disable", "wait",
+                "vmm_disable a b", "list --bogus", "connect --password x", "reconnect now"]
+
+
+@pytest.mark.parametrize("line", USAGE_ERRORS)
 def test_usage_errors(app: UshApp, line: str) -> None:
     with pytest.raises(SystemExit):
         parse(app, line)
@@ -194,22 +198,42 @@ def test_commands_without_a_session_fail_clearly(app: UshApp,
 
 
 def test_completion_without_a_session_is_empty_at_once(app: UshApp) -> None:
-    assert app.complete_names("vm", "we") == []
-    assert app.complete_names("host", "") == []
+    assert app.session.complete_names("vm", "we") == []
+    assert app.session.complete_names("host", "") == []
 
 
-# ------------------------------------------------------------------ config
-@pytest.mark.parametrize(("text", "expected"), [
-    ("localhost:7443", ("localhost", 7443)),
-    ("ctl.example.org:1", ("ctl.example.org", 1)),
-    ("[::1]:7443", ("::1", 7443)),
+
+
+# ------------------------------------------------- batch mode's plain parsers
+def plain_parse(line: str) -> argparse.Namespace:
+    command, *argv = line.split()
+    return COMMANDS[command].build_parser(PLAIN_KIT).parse_args(argv)
+
+
+@pytest.mark.parametrize("line", [
+    "start {1..8}.web redfish.sneetch --ram 512 --vcpus 2 --vmm vmm3 --ip_range lab --ip 10.0.0.9",
+    "start web1", "shutdown web1 {1..4}.db", "reboot a", "cycle a", "pause a", "resume a",
+    "hibernate a", "destroy --force web1", "migrate web1 web2 --vmm vmm2", "migrate web1",
+    "list", "list web1 {1..3}.db --all --json -l", "list --lo", "vmm_list --json",
+    "vmm_disable vmm3", "vmm_enable vmm3", "vmm_remove vmm3", "tasks --active --limit 5",
+    "tasks", "wait 3f2a --timeout 30", "connect --user seuss --controller c:1", "reconnect",
 ])
-def test_parse_controller(text: str, expected: tuple[str, int]) -> None:
-    assert parse_controller(text) == expected
+def test_plain_parsers_read_lines_as_cmd2_does(app: UshApp, line: str) -> None:
+    assert vars(plain_parse(line)) == vars(parse(app, line))
 
 
-@pytest.mark.parametrize("text", ["localhost", "localhost:", ":7443", "h:0", "h:65536",
-                                  "h:port"])
-def test_parse_controller_refuses(text: str) -> None:
-    with pytest.raises(InvalidOption, match="HOST:PORT"):
-        parse_controller(text)
+@pytest.mark.parametrize("line", [*USAGE_ERRORS, "start -h", "list --help", "tasks --he"])
+def test_plain_parsers_refuse_without_printing(line: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ParseRefused):
+        plain_parse(line)
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_plain_parsers_have_the_same_help(app: UshApp, verb: str) -> None:
+    plain = COMMANDS[verb].build_parser(PLAIN_KIT)
+    cmd2 = parser_of(app, verb)
+    assert (plain.prog, plain.description) == (cmd2.prog, cmd2.description)
+    assert [(a.option_strings, a.dest, a.help) for a in plain._actions] == \
+        [(a.option_strings, a.dest, a.help) for a in cmd2._actions]
