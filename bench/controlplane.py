@@ -150,9 +150,14 @@ def raw_floor(directory: Path, starts: int) -> dict[str, float]:
 
 
 # ==================================================================== the site
-def build_site(directory: Path, lnms: int) -> tuple[Demo, dict[str, Any]]:
-    """A demo site whose fake hosts are big enough for the benchmark."""
-    demo = Demo(directory, lnms, None, addresses=False)
+def build_site(directory: Path, lnms: int, *,
+               addresses: bool = False) -> tuple[Demo, dict[str, Any]]:
+    """A demo site whose fake hosts are big enough for the benchmark.
+
+    ``addresses`` gives it the demo's IP range and embedded DNS server; the
+    control-plane numbers are measured without them (bench.dns compares).
+    """
+    demo = Demo(directory, lnms, None, addresses=addresses)
     info = demo.setup()
     for host in info["hosts"]:  # type: ignore[attr-defined]
         path = Path(host["config"])
