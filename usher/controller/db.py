@@ -120,6 +120,16 @@ class Database:
         self._jobs.put((job, fut))
         return await asyncio.wrap_future(fut)
 
+    def submit(self, job: Callable[[Session], T]) -> asyncio.Future[T]:
+        """Queue ``job`` now (jobs run in the order queued) and return its future.
+
+        Like :meth:`run`, but the job is in the queue when this returns, so
+        its place in the order is fixed before the caller does anything else.
+        """
+        fut: Future[T] = Future()
+        self._jobs.put((job, fut))
+        return asyncio.wrap_future(fut)
+
     def run_sync(self, job: Callable[[Session], T]) -> T:
         """Run a job from a thread that is not the event loop (start-up, CLI)."""
         fut: Future[T] = Future()

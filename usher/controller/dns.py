@@ -194,8 +194,10 @@ class DnsProvider(Provider):
         """How many names wait to be written."""
         return len(self._dirty | self._inflight)
 
-    async def before_boot(self, vm: VmRec) -> None:
+    async def records_written(self, vm: VmRec) -> None:
         """With ``dns_down = "refuse"``: wait until ``vm``'s records are on the server.
+
+        With ``"queue"``, return at once (the records follow when they can).
 
         Raises:
             DnsUnavailable: the write failed or did not finish within
@@ -272,7 +274,8 @@ class DnsProvider(Provider):
                     pass
 
     async def _write_dirty(self) -> None:
-        covered = await self._db.run(_max_outbox_id)
+        covered = self._db.submit(_max_outbox_id)
+        covered.add_done_callback(_log_failure)
         names, self._dirty = self._dirty, set()
         names -= self._foreign
         self._inflight = names
@@ -297,7 +300,7 @@ class DnsProvider(Provider):
                 self._applied[name] = want
             else:
                 self._applied.pop(name, None)
-        self._forget_outbox(covered)
+        self._forget_outbox(await covered)
 
     def _wanted_at(self, name: str) -> set[Record]:
         want = self._want.get(name)
@@ -311,7 +314,8 @@ class DnsProvider(Provider):
         Raises:
             DnsUnavailable, DnsError: as :meth:`DnsBackend.converge`.
         """
-        covered = await self._db.run(_max_outbox_id)
+        covered = self._db.submit(_max_outbox_id)
+        covered.add_done_callback(_log_failure)
         names, self._dirty = self._dirty, set()
         self._inflight = names
         desired: set[Record] = set()
@@ -336,7 +340,7 @@ class DnsProvider(Provider):
         if report.changed:
             log.info("DNS converged: %d records added, %d removed", report.added,
                      report.removed)
-        self._forget_outbox(covered)
+        self._forget_outbox(await covered)
 
     async def _timed(self, coro: Any, factor: float = 1) -> Any:
         try:
@@ -361,8 +365,9 @@ class DnsProvider(Provider):
 
 
 def _max_outbox_id(session: Session) -> int | None:
-    # Read before the dirty names are taken: every row at or below it was
-    # written after its names were marked, so this write covers it.
+    # Queued before the dirty names are taken (the DB thread runs jobs in
+    # order): a row this read sees was queued after its names were marked,
+    # so they are in the names taken, and this write covers the row.
     value = session.execute(select(func.max(_OUTBOX.c.id))
                             .where(_OUTBOX.c.kind == OUTBOX_KIND)).scalar()
     return int(value) if value is not None else None

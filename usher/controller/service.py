@@ -559,12 +559,20 @@ class VmService:
                 outcome = await self.ctx.directory.ensure_cluster(vm.cluster, vm.owner, task.id)
                 if outcome != "exists":
                     self._progress(task, f"directory branch of {vm.cluster}: {outcome}")
-            if task.created_vm and self.ctx.dns is not None:
-                await self.ctx.dns.before_boot(vm)
-            failpoints.hit("start.dispatch")
-            dom: DomainMsg = await nodes.call(host, "node.define",  # type: ignore[arg-type]
-                                              DefineArgs(spec=self._spec(vm, task)))
-            failpoints.hit("start.node_done")
+            # The DNS write and the boot overlap; should the records fail
+            # (dns_down = refuse), the task fails and the new VM is undone.
+            records = asyncio.ensure_future(self.ctx.dns.records_written(vm)) \
+                if task.created_vm and self.ctx.dns is not None else None
+            try:
+                failpoints.hit("start.dispatch")
+                dom: DomainMsg = await nodes.call(
+                    host or "", "node.define", DefineArgs(spec=self._spec(vm, task)))
+                failpoints.hit("start.node_done")
+                if records is not None:
+                    await records
+            finally:
+                if records is not None and not records.done():
+                    records.cancel()
             await self._succeed(task, vm, dom.state)
         elif op == "destroy":
             if vm.state != "unknown" and host is not None:
