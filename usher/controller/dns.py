@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 
 OUTBOX_KIND = "dns"
 MAX_RETRY_S = 30.0
+OUTBOX_CLEAN_S = 1.0
+"""Covered outbox rows are deleted at most this often (two DB jobs per write
+round would cost a busy controller more than the rows)."""
 _OUTBOX: Table = Outbox.__table__  # type: ignore[assignment]
 
 
@@ -86,6 +89,13 @@ class DnsProvider(Provider):
         self._wake = asyncio.Event()
         self.down: str | None = None  # why the last write failed, while it keeps failing
         self._synced_once = False
+        # Outbox rows handed out, and how many of them are known deleted. It
+        # starts at one so that the first write round deletes what a previous
+        # run left. (A row handed out just before a high-water read but
+        # queued after it waits for the next clean; it only costs a replay.)
+        self._rows_made = 1
+        self._rows_cleaned = 0
+        self._next_clean = 0.0
 
     # ------------------------------------------------------------ loading
     def load(self, vms: Iterable[VmRec]) -> None:
@@ -169,6 +179,7 @@ class DnsProvider(Provider):
         if not records:
             return []
         now = time.time()
+        self._rows_made += 1
         names = sorted({r.name for r in records})
         return [(_OUTBOX, dict(kind=OUTBOX_KIND, payload=json.dumps(names).encode(),
                                created=now, attempts=0, next_try=now, done=False,
@@ -247,6 +258,9 @@ class DnsProvider(Provider):
                     converge_at = time.monotonic() + self.config.dns_converge_interval_s
                 elif self._dirty:
                     await self._write_dirty()
+                elif self._clean_due():
+                    # Idle: nothing is dirty, so every row written so far is covered.
+                    await self._clean(self._start_clean())
                 if self.down is not None:
                     log.info("DNS is written again")
                 self.down, failures = None, 0
@@ -267,15 +281,17 @@ class DnsProvider(Provider):
                 continue
             if not self._dirty:
                 self._wake.clear()
-                timeout = max(0.0, converge_at - time.monotonic())
+                wake_at = converge_at
+                if self._rows_made > self._rows_cleaned:
+                    wake_at = min(wake_at, self._next_clean)
+                timeout = max(0.0, wake_at - time.monotonic())
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 except TimeoutError:
                     pass
 
     async def _write_dirty(self) -> None:
-        covered = self._db.submit(_max_outbox_id)
-        covered.add_done_callback(_log_failure)
+        covered = self._start_clean() if self._clean_due() else None
         names, self._dirty = self._dirty, set()
         names -= self._foreign
         self._inflight = names
@@ -300,7 +316,7 @@ class DnsProvider(Provider):
                 self._applied[name] = want
             else:
                 self._applied.pop(name, None)
-        self._forget_outbox(await covered)
+        await self._clean(covered)
 
     def _wanted_at(self, name: str) -> set[Record]:
         want = self._want.get(name)
@@ -314,8 +330,7 @@ class DnsProvider(Provider):
         Raises:
             DnsUnavailable, DnsError: as :meth:`DnsBackend.converge`.
         """
-        covered = self._db.submit(_max_outbox_id)
-        covered.add_done_callback(_log_failure)
+        covered = self._start_clean() if self._clean_due() else None
         names, self._dirty = self._dirty, set()
         self._inflight = names
         desired: set[Record] = set()
@@ -340,7 +355,7 @@ class DnsProvider(Provider):
         if report.changed:
             log.info("DNS converged: %d records added, %d removed", report.added,
                      report.removed)
-        self._forget_outbox(await covered)
+        await self._clean(covered)
 
     async def _timed(self, coro: Any, factor: float = 1) -> Any:
         try:
@@ -349,13 +364,29 @@ class DnsProvider(Provider):
             raise DnsUnavailable(f"the DNS server did not finish within "
                                  f"{self.config.dns_timeout_s * factor:g} s") from None
 
-    def _forget_outbox(self, covered: int | None) -> None:
-        if covered is None:
+    def _clean_due(self) -> bool:
+        return self._rows_made > self._rows_cleaned and time.monotonic() >= self._next_clean
+
+    def _start_clean(self) -> tuple[asyncio.Future[int | None], int]:
+        """Queue the outbox high-water read; call it before taking the dirty names."""
+        covered = self._db.submit(_max_outbox_id)
+        covered.add_done_callback(_log_failure)
+        return covered, self._rows_made
+
+    async def _clean(self, started: tuple[asyncio.Future[int | None], int] | None) -> None:
+        """After a successful write: delete the outbox rows it covered, in the background."""
+        if started is None:
+            return
+        covered, made = started
+        high = await covered
+        self._next_clean = time.monotonic() + OUTBOX_CLEAN_S
+        self._rows_cleaned = max(self._rows_cleaned, made)
+        if high is None:
             return
 
         def forget(session: Session) -> None:
             session.execute(delete(_OUTBOX).where(_OUTBOX.c.kind == OUTBOX_KIND,
-                                                  _OUTBOX.c.id <= covered))
+                                                  _OUTBOX.c.id <= high))
 
         fut = asyncio.ensure_future(self._db.run(forget))
         fut.add_done_callback(_log_failure)

@@ -22,6 +22,7 @@ each has a time limit. This module is where dnspython's exceptions become
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import ipaddress
@@ -151,12 +152,22 @@ class Rfc2136Backend(DnsBackend):
 
     # ------------------------------------------------------------ apply
     async def apply(self, changes: ChangeSet) -> None:
-        """See :meth:`DnsBackend.apply`. Zones are updated one after the other."""
+        """See :meth:`DnsBackend.apply`. Zones are updated at the same time (a
+        VM's forward and reverse records cost one round trip, not two); the
+        messages of one zone go one after the other. The first failure is
+        raised once every zone's attempt has ended."""
         self._check_open()
-        for zone, group in sorted(changes.group_by_zone(self.zones).items()):
-            steps = group.changes()
+        groups = sorted(changes.group_by_zone(self.zones).items())
+
+        async def update_zone(zone: str, steps: list[Change]) -> None:
             for start in range(0, len(steps), self.max_records_per_message):
                 await self._send_update(zone, steps[start:start + self.max_records_per_message])
+
+        results = await asyncio.gather(*(update_zone(zone, group.changes())
+                                         for zone, group in groups), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     def _update_message(self, zone: str, steps: list[Change]) -> dns.update.UpdateMessage:
         message = dns.update.UpdateMessage(zone, keyring=self._key)
