@@ -70,6 +70,7 @@ class DirectoryLink:
                               f"{exc.strerror}") from None
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="usher-ldap")
         self._known: set[str] = set()  # clusters whose branch exists (this run)
+        self._inflight: dict[str, asyncio.Future[str]] = {}  # cluster -> its ensure step
         self._wake = asyncio.Event()
 
     async def _run(self, fn: Callable[[], T]) -> T:
@@ -128,10 +129,31 @@ class DirectoryLink:
         """Give ``cluster`` its branch with ``creator`` in ``admin``; returns what happened.
 
         A directory that does not answer queues the step in the outbox (in
-        the same way a later replay does), so the start goes on.
+        the same way a later replay does), so the start goes on. Concurrent
+        calls for one cluster share one directory round trip (a batch of a
+        thousand new VMs in a new cluster asks once, not a thousand times).
         """
         if cluster in self._known:
             return "exists"
+        pending = self._inflight.get(cluster)
+        if pending is not None:
+            outcome = await asyncio.shield(pending)
+            return "exists" if outcome == "created" else outcome
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._inflight[cluster] = fut
+        try:
+            outcome = await self._ensure_step(cluster, creator, task_id)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: followers re-raise it themselves
+            raise
+        else:
+            fut.set_result(outcome)
+            return outcome
+        finally:
+            del self._inflight[cluster]
+
+    async def _ensure_step(self, cluster: str, creator: str, task_id: str) -> str:
         try:
             created = await self._run(lambda: self._ensure(cluster, creator))
         except Unavailable as exc:

@@ -108,6 +108,31 @@ async def test_first_vm_in_a_cluster_creates_its_branch(controller: RunningContr
         await seuss.close()
 
 
+async def test_a_batch_in_a_new_cluster_asks_the_directory_once(
+        controller: RunningController, site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    link = controller.ctrl.ctx.directory
+    assert link is not None
+    calls: list[str] = []
+    real = link._ensure
+
+    def counted(cluster: str, creator: str) -> bool:
+        calls.append(cluster)  # a spy: the real directory call still happens
+        return real(cluster, creator)
+
+    monkeypatch.setattr(link, "_ensure", counted)
+    await controller.start_node("h1.usher.test", cpus=64, memory_mib=1 << 20)
+    seuss = await _login(controller, "seuss", PASSWORDS["seuss"])
+    try:
+        tasks = await seuss.start(["{1..50}.crowd"], ram=16)
+        assert {t.state for t in await seuss.wait_all(tasks, 20)} == {"done"}
+        assert calls == ["crowd.seuss.usher.test"]
+        with site.admin() as admin:
+            assert "seuss" in {g.name: g for g in admin.list_groups(
+                "crowd.seuss.usher.test")}["admin"].members
+    finally:
+        await seuss.close()
+
+
 async def test_directory_away_queues_the_branch_in_the_outbox(tmp_path: Path) -> None:
     own = Slapd(tmp_path / "slapd", SITE, root_password="r00t-pw", admin_password=ADMIN_PASSWORD,
                 service_password=SERVICE_PASSWORD, durable=False)
