@@ -43,6 +43,8 @@ class ControllerConfig:
     site_domain: str = _f("usher.example.org", "DNS domain of the site; users own USER.SITE")
     listen_host: str = _f("127.0.0.1", "address the controller listens on")
     listen_port: int = _f(7443, "TCP port of the controller")
+    listen_unix: str = _f("", "also listen on this Unix socket path for local clients "
+                          "(same TLS and logins; clients use unix:PATH)")
     database_url: str = _f("sqlite:////var/lib/usher/usher.db", "SQLAlchemy URL of the state DB")
     ca_cert: str = _f("/etc/usher/pki/ca.crt", "site CA certificate")
     ca_key: str = _f("/etc/usher/pki/ca.key", "site CA key (issues host certificates)")

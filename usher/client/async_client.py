@@ -123,7 +123,9 @@ class AsyncClient:
 
     ``ca_cert`` is the site CA file the controller's certificate must chain
     to; ``server_hostname`` is the name checked against that certificate
-    (default: ``host``). Call :meth:`connect` first and :meth:`close` last.
+    (default: ``host``). A ``host`` that is an absolute path is the
+    controller's Unix socket (``listen_unix``; ``port`` is ignored and the
+    name checked defaults to ``localhost``). Call :meth:`connect` first and :meth:`close` last.
 
     Callbacks (plain attributes, may be None), all run on the event loop:
 
@@ -177,7 +179,9 @@ class AsyncClient:
     # ------------------------------------------------------------ properties
     @property
     def address(self) -> str:
-        """``HOST:PORT`` of the controller."""
+        """``HOST:PORT`` of the controller (``unix:PATH`` for its Unix socket)."""
+        if self.host.startswith("/"):
+            return f"unix:{self.host}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 

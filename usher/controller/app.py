@@ -59,6 +59,32 @@ class Controller:
         self._tasks: list[asyncio.Task[None]] = []  # background loops
 
     async def start(self) -> tuple[str, int]:
+        """Recover state and listen; returns the TCP address.
+
+        A failure part way (a bad setting, a port in use) closes whatever was
+        opened before it is raised.
+        """
+        try:
+            return await self._start()
+        except BaseException:
+            await self._abandon()
+            raise
+
+    async def _abandon(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        server = getattr(self, "server", None)
+        if server is not None:
+            await server.stop()
+        if getattr(self, "dns_server", None) is not None:
+            await self.dns_server.stop()  # type: ignore[union-attr]
+        ctx = getattr(self, "ctx", None)
+        if ctx is not None:
+            if ctx.directory is not None:
+                ctx.directory.close()
+            await asyncio.to_thread(ctx.db.close)
+
+    async def _start(self) -> tuple[str, int]:
         cfg = self.config
         engine = dbmod.make_engine(cfg.database_url)
         await asyncio.to_thread(dbmod.check_schema, engine)
@@ -94,7 +120,11 @@ class Controller:
         ssl_context = tls.server_context(cfg.cert, cfg.key, cfg.ca_cert)
         self.server = ControllerServer(ctx, users, self.vms, self.hosts, ssl_context,
                                        self._issue_host_cert)
-        self.address = await self.server.start()
+        try:
+            self.address = await self.server.start()
+        except BaseException:
+            await self.server.stop()
+            raise
         for name in reg.hosts:  # known from before: trusted again only when they register
             self.hosts.expect_back(name)
         self._tasks += [asyncio.create_task(self._sweep_deadlines()),

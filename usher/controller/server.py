@@ -18,10 +18,13 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import ssl
+import stat
 import time
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -36,6 +39,7 @@ from usher.controller.service import VmService
 from usher.errors import (
     AuthenticationFailed,
     BadFrame,
+    ConfigError,
     ConnectionClosed,
     PermissionDenied,
     ProtocolError,
@@ -67,6 +71,8 @@ class ControllerServer:
         self.ssl_context = ssl_context
         self._issue_host_cert = issue_host_cert
         self._server: asyncio.Server | None = None
+        self._unix_server: asyncio.Server | None = None
+        self._unix_path: Path | None = None
         self._probation = 0
         self._connections: set[Connection] = set()
         self._raw: set[asyncio.StreamWriter] = set()
@@ -79,11 +85,34 @@ class ControllerServer:
                                                   ssl_handshake_timeout=cfg.hello_timeout_s,
                                                   limit=2 ** 20, backlog=1024)
         sock = self._server.sockets[0].getsockname()
+        if cfg.listen_unix:
+            await self._listen_unix(cfg.listen_unix)
         return sock[0], sock[1]
+
+    async def _listen_unix(self, path_text: str) -> None:
+        """The same service on a Unix socket, for clients on this machine.
+
+        A socket file left by a controller that died is replaced; any other
+        file at the path is a configuration error. The socket is mode 0666:
+        it carries the same TLS and logins as the TCP listener, and keeping
+        local users off it would take file groups the site may not have.
+        """
+        cfg = self.ctx.config
+        path = _prepare_socket_path(Path(path_text))
+        self._unix_server = await asyncio.start_unix_server(
+            self._accept, str(path), ssl=self.ssl_context,
+            ssl_handshake_timeout=cfg.hello_timeout_s, limit=2 ** 20, backlog=1024)
+        os.chmod(path, 0o666)
+        self._unix_path = path
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._unix_server is not None:
+            self._unix_server.close()
+            if self._unix_path is not None:
+                with contextlib.suppress(OSError):
+                    self._unix_path.unlink()
         for conn in list(self._connections):
             await conn.close("controller shutting down")
         for writer in list(self._raw):
@@ -93,7 +122,8 @@ class ControllerServer:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cfg = self.ctx.config
         peer = writer.get_extra_info("peername")
-        address = str(peer[0]) if peer else "?"
+        # A Unix socket peer has no address: every local client counts as one.
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else "local"
         if (len(self._connections) >= cfg.max_connections
                 or self._probation >= cfg.max_unauthenticated):
             log.warning("refusing connection from %s: connection cap reached", address)
@@ -301,3 +331,18 @@ class ControllerServer:
         self.hosts.heartbeat(conn)
         if topic == "domain":
             self.hosts.domain_event(conn, body)
+
+
+def _prepare_socket_path(path: Path) -> Path:
+    """Clear a stale socket at ``path`` (start-up only, so blocking is fine).
+
+    Raises:
+        ConfigError: something other than a socket is there.
+    """
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ConfigError(f"listen_unix = {path} exists and is not a socket; "
+                              f"remove it or choose another path")
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

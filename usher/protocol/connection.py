@@ -341,6 +341,11 @@ class Connection:
             return
 
 
+def address_text(host: str, port: int) -> str:
+    """How a controller address is shown: ``HOST:PORT``, or ``unix:PATH`` for a socket."""
+    return f"unix:{host}" if host.startswith("/") else f"{host}:{port}"
+
+
 async def dial(
     host: str,
     port: int,
@@ -352,6 +357,10 @@ async def dial(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Welcome]:
     """Open a TLS connection, send ``hello`` and wait for the welcome.
 
+    A ``host`` that is an absolute path is the controller's Unix socket
+    (``port`` is then ignored; the certificate is checked against
+    ``server_hostname``, default ``localhost``).
+
     Raises the controller's refusal as an :class:`UsherError` (a wrong
     password is :class:`AuthenticationFailed`), :class:`TimedOut` when no
     answer arrives in ``timeout``, and :class:`ConnectionClosed` on a drop.
@@ -359,18 +368,24 @@ async def dial(
     certificate is not a *controller* certificate; that is checked before the
     hello, which may carry a password or a join token, is sent.
     """
+    where = address_text(host, port)
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=ssl_context,
-                                    server_hostname=server_hostname or host,
-                                    limit=2 ** 20), timeout)
+        if host.startswith("/"):
+            opening = asyncio.open_unix_connection(
+                host, ssl=ssl_context, server_hostname=server_hostname or "localhost",
+                limit=2 ** 20)
+        else:
+            opening = asyncio.open_connection(host, port, ssl=ssl_context,
+                                              server_hostname=server_hostname or host,
+                                              limit=2 ** 20)
+        reader, writer = await asyncio.wait_for(opening, timeout)
     except TimeoutError:
-        raise TimedOut(f"no answer from {host}:{port} within {timeout:g} s") from None
+        raise TimedOut(f"no answer from {where} within {timeout:g} s") from None
     except ssl.SSLCertVerificationError as exc:
-        raise PermissionDenied(f"controller at {host}:{port} failed TLS verification: "
+        raise PermissionDenied(f"controller at {where} failed TLS verification: "
                                f"{exc.verify_message}; check the CA file") from None
     except OSError as exc:
-        raise ConnectionClosed(f"cannot connect to {host}:{port}: {exc.strerror or exc}",
+        raise ConnectionClosed(f"cannot connect to {where}: {exc.strerror or exc}",
                                details={"by_peer": True}) from None
     # A host certificate passes the chain and host name checks too: a host posing
     # as the controller must be turned away before it sees the credentials.
@@ -384,11 +399,11 @@ async def dial(
         answer = await asyncio.wait_for(frames.read_frame(reader, frames.MAX_FRAME), timeout)
     except TimeoutError:
         writer.close()
-        raise TimedOut(f"controller at {host}:{port} did not answer hello "
+        raise TimedOut(f"controller at {where} did not answer hello "
                        f"within {timeout:g} s") from None
     except OSError as exc:  # a reset or TLS alert mid-hello (ssl.SSLError is an OSError)
         writer.close()
-        raise ConnectionClosed(f"connection to {host}:{port} broke during hello: {exc}",
+        raise ConnectionClosed(f"connection to {where} broke during hello: {exc}",
                                details={"by_peer": True}) from None
     except BaseException:
         writer.close()

@@ -70,17 +70,26 @@ Alert = Callable[[str, bool], None]
 
 
 def parse_controller(address: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6 literals).
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6 literals); ``unix:PATH`` is
+    the controller's Unix socket, returned as ``(PATH, 0)``.
 
     Raises:
-        InvalidOption: no port, or a port that is not a number from 1 to 65535.
+        InvalidOption: no port, or a port that is not a number from 1 to 65535,
+            or a socket path that is not absolute.
     """
-    host, sep, port = address.strip().rpartition(":")
+    text = address.strip()
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path.startswith("/"):
+            raise InvalidOption(f"controller address {address!r}: a Unix socket is "
+                                f"unix:/ABSOLUTE/PATH (for example unix:/run/usher/usher.sock)")
+        return path, 0
+    host, sep, port = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidOption(f"controller address {address!r} is not HOST:PORT "
-                            f"(for example localhost:7443)")
+                            f"(for example localhost:7443) or unix:PATH")
     return host, int(port)
 
 

@@ -157,6 +157,7 @@ def test_list_prints_what_the_controller_returns(session: Session, lines: Lines,
     ("localhost:7443", ("localhost", 7443)),
     ("ctl.example.org:1", ("ctl.example.org", 1)),
     ("[::1]:7443", ("::1", 7443)),
+    ("unix:/run/usher/usher.sock", ("/run/usher/usher.sock", 0)),
 ])
 def test_parse_controller(text: str, expected: tuple[str, int]) -> None:
     assert parse_controller(text) == expected
@@ -167,3 +168,8 @@ def test_parse_controller(text: str, expected: tuple[str, int]) -> None:
 def test_parse_controller_refuses(text: str) -> None:
     with pytest.raises(InvalidOption, match="HOST:PORT"):
         parse_controller(text)
+
+
+def test_parse_controller_wants_an_absolute_socket_path() -> None:
+    with pytest.raises(InvalidOption, match="unix:/ABSOLUTE/PATH"):
+        parse_controller("unix:usher.sock")
