@@ -111,6 +111,8 @@ class LnmConfig:
     driver: str = _f("libvirt", "hypervisor driver: libvirt or fake")
     uri: str = _f("qemu:///system", "libvirt URI")
     fake_host_file: str = _f("", "fake host: libvirt test-driver host file")
+    vlans: list[int] = _f([], "VLAN ids this host's bridge carries: VMs of an IP range "
+                          "with a VLAN are placed only on hosts that carry it")
     fake_cpus: int = _f(8, "fake host: cpus")
     fake_memory_mib: int = _f(16384, "fake host: memory")
     call_timeout_s: float = _f(60.0, "a hypervisor call that takes longer fails")

@@ -151,14 +151,15 @@ class RunningController:
             db.close()
         return token
 
-    async def start_node(self, hostname: str, *, cpus: int = 8,
-                         memory_mib: int = 16384) -> NodeAgent:
+    async def start_node(self, hostname: str, *, cpus: int = 8, memory_mib: int = 16384,
+                         vlans: list[int] | None = None) -> NodeAgent:
         """Run a node manager on the fake driver until the fixture ends."""
         cert, key = self.issue_host_cert(hostname)
         config = LnmConfig(controller_host=self.host, controller_port=self.port,
                            controller_name="localhost", ca_cert=str(self.ca), cert=str(cert),
                            key=str(key), hostname=hostname, driver="fake",
-                           backoff_initial_s=0.05, backoff_max_s=0.2, call_timeout_s=WAIT_S)
+                           backoff_initial_s=0.05, backoff_max_s=0.2, call_timeout_s=WAIT_S,
+                           vlans=vlans or [])
         driver = make_driver("fake", hostname=hostname, cpus=cpus, memory_mib=memory_mib)
         agent = NodeAgent(config, driver)
         stop = asyncio.Event()

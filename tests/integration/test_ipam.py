@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from sqlalchemy import func, select
 
 from tests.integration.conftest import RunningController
@@ -81,5 +82,36 @@ async def test_requested_address_and_count(controller: RunningController) -> Non
         assert vms == {"pinned": "10.78.0.42", "plain": None}  # no default range
         count = await db.run(lambda s: s.scalar(select(func.count()).select_from(Lease)))
         assert count == 1
+    finally:
+        await client.close()
+
+
+async def test_vlan_ranges_are_placed_on_hosts_that_carry_the_vlan(
+        controller: RunningController) -> None:
+    db = controller.ctrl.ctx.db
+    await db.run(lambda s: ipam.add_range(s, "plain", "10.79.0.0/24", default=True))
+    await db.run(lambda s: ipam.add_range(s, "v30", "10.80.0.0/24", vlan=30))
+    await db.run(lambda s: ipam.add_range(s, "v40", "10.81.0.0/24", vlan=40))
+    await controller.ctrl.reload_ranges()
+    # The big host has more free memory, so only the VLAN can send VMs elsewhere.
+    await controller.start_node("big.usher.test", cpus=64, memory_mib=1 << 20)
+    await controller.start_node("tagged.usher.test", vlans=[30])
+    client = await _client(controller)
+    try:
+        await client.wait_all(await client.start(["{1..3}.t"], ram=64, ip_range="v30"), 10)
+        await client.wait_all(await client.start(["p"], ram=64), 10)
+        hosts = {v.name.split(".")[0]: v.host for v in await client.list_vms()}
+        assert hosts == {"1": "tagged.usher.test", "2": "tagged.usher.test",
+                         "3": "tagged.usher.test", "p": "big.usher.test"}
+        with pytest.raises(NoCapacity, match="no VMM that is up carries VLAN 40"):
+            await client.start(["x"], ram=64, ip_range="v40")
+        with pytest.raises(NoCapacity, match="does not carry VLAN 30"):
+            await client.start(["y"], ram=64, ip_range="v30", vmm="big.usher.test")
+        assert _leases(controller).keys() == {v.uuid for v in await client.list_vms()}
+        # Migration keeps to the VLAN too: no other host carries 30.
+        with pytest.raises(NoCapacity, match="VLAN 30"):
+            await client.migrate(["1.t"])
+        [info] = [h for h in await client.list_hosts() if h.name == "tagged.usher.test"]
+        assert info.vlans == [30]
     finally:
         await client.close()

@@ -93,7 +93,8 @@ class Controller:
         placement = PlacementProvider(reg)
         self.ipam = IpamProvider()
         self.ctx = ctx = Context(config=cfg, db=db, reg=reg, placement=placement,
-                                 providers=ProviderChain([placement, self.ipam]),
+                                 # ipam first: the range's VLAN narrows the hosts.
+                                 providers=ProviderChain([self.ipam, placement]),
                                  bus=EventBus(cfg.plugin_timeout_s), nodes=NodeLinks(),
                                  sessions=Sessions())
         self.vms = VmService(ctx)
@@ -148,6 +149,8 @@ class Controller:
                              host=v.host, state=v.state, memory_mib=v.memory_mib,
                              vcpus=v.vcpus, mac=v.mac, ip=v.ip, since=v.since,
                              started=v.started, reason=v.reason, rr=v.rr))
+        for rec in reg.vms.values():
+            rec.vlan = self.ipam.vlan_of(rec.uuid)
         open_tasks = session.scalars(select(Task).where(Task.state == "running")).all()
         recent = session.scalars(select(Task).where(Task.state != "running")
                                  .order_by(Task.created.desc()).limit(RECENT_TASKS_LOADED))

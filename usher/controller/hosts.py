@@ -70,6 +70,7 @@ class HostService:
         host.hypervisor, host.cpus, host.memory_mib = (facts.hypervisor, facts.cpus,
                                                        facts.memory_mib)
         host.live_migration, host.managed_save = facts.live_migration, facts.managed_save
+        host.vlans = sorted(set(facts.vlans))
         host.state = "disabled" if host.disabled else "up"
         host.last_seen = now
         host.connected = True

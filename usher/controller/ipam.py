@@ -69,6 +69,16 @@ class RangeRec:
     users: frozenset[str] = frozenset({EVERYONE})
     groups: frozenset[str] = frozenset()
     taken: set[Address] = field(default_factory=set)
+    # Every address below this one (as an int) is taken or unusable: the
+    # search for the lowest free address starts here, not at the bottom.
+    cursor: int = 0
+
+    def take(self, addr: Address) -> None:
+        self.taken.add(addr)
+
+    def give_back(self, addr: Address) -> None:
+        self.taken.discard(addr)
+        self.cursor = min(self.cursor, int(addr))
 
     def allows(self, user: str) -> bool:
         return EVERYONE in self.users or user in self.users
@@ -138,6 +148,7 @@ class IpamProvider(Provider):
         addr = self._requested(rng, placement.ip) if placement.ip else self._lowest_free(rng)
         self._hold(vm.uuid, rng.name, addr)
         vm.ip = str(addr)
+        vm.vlan = rng.vlan
 
     def _range_for(self, name: str | None, ip: str | None) -> RangeRec | None:
         if name is not None:
@@ -170,11 +181,20 @@ class IpamProvider(Provider):
 
     @staticmethod
     def _lowest_free(rng: RangeRec) -> Address:
-        # Walking from the bottom costs at most (leases + 2) steps: fine for
-        # site-sized ranges, and it never materialises a /64.
-        for addr in rng.network.hosts():
-            if addr not in rng.taken and addr != rng.gateway:
+        # The walk starts at the range's cursor (everything below it is taken),
+        # so a burst of N starts costs N steps, not N times the leases; it
+        # never materialises a /64.
+        net = rng.network
+        make = ipaddress.IPv4Address if net.version == 4 else ipaddress.IPv6Address
+        last = int(net.broadcast_address)
+        at = max(rng.cursor, int(net.network_address))
+        while at <= last:
+            addr = make(at)
+            if addr not in rng.taken and rng.usable(addr):
+                rng.cursor = at
                 return addr
+            at += 1
+        rng.cursor = at
         raise NoCapacity(f"IP range {rng.name} ({rng.network}) has no free address; "
                          f"destroy VMs or use another --ip_range",
                          details={"short": "addresses", "range": rng.name})
@@ -192,9 +212,16 @@ class IpamProvider(Provider):
             return
         rng = self.ranges.get(held[0])
         if rng is not None:
-            rng.taken.discard(held[1])
+            rng.give_back(held[1])
         if vm.ip == str(held[1]):
             vm.ip = None
+            vm.vlan = None
+
+    def vlan_of(self, vm_uuid: str) -> int | None:
+        """The VLAN of the range ``vm_uuid`` has its address from (None: untagged or none)."""
+        held = self._by_vm.get(vm_uuid)
+        rng = self.ranges.get(held[0]) if held is not None else None
+        return rng.vlan if rng is not None else None
 
     def leased(self, vm_uuid: str) -> str | None:
         held = self._by_vm.get(vm_uuid)

@@ -13,9 +13,10 @@ in ``vm_tables`` the tables whose rows go with the VM when it is removed;
 ``removal_rows`` are written in the transaction that removes it (an outbox
 entry, say).
 
-Placement is the first provider: it fits memory and vcpus, prefers the host
-with the most free memory, honours ``--vmm``, and says which resource is
-short when nothing fits.
+Placement fits memory and vcpus, prefers the host with the most free memory,
+honours ``--vmm``, keeps a VM whose IP range has a VLAN on hosts that carry
+that VLAN, and says which resource is short when nothing fits. (ipam runs
+before it, so the VM's range, and with it the VLAN, is known.)
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class PlacementProvider(Provider):
     def choose(self, vm: VmRec, vmm: str | None, exclude: Iterable[str] = ()) -> HostRec:
         """The host ``vm`` should go to; raises if none fits. Changes nothing."""
         hosts = self._reg.hosts
+        vlan = vm.vlan
         if vmm is not None:
             host = hosts.get(vmm)
             if host is None:
@@ -99,6 +101,10 @@ class PlacementProvider(Provider):
                 what = host.state if host.state != "up" else "not connected"
                 raise HostUnavailable(f"VMM {host.name} is {what}; choose another "
                                       f"or leave out --vmm")
+            if vlan is not None and vlan not in host.vlans:
+                raise NoCapacity(f"VMM {host.name} does not carry VLAN {vlan}, the VLAN of "
+                                 f"the VM's IP range; choose a VMM that does (vmm_list) or "
+                                 f"leave out --vmm", details={"short": "vlan", "vlan": vlan})
             candidates = [host]
         else:
             skip = set(exclude)
@@ -107,6 +113,12 @@ class PlacementProvider(Provider):
             if not candidates:
                 raise NoCapacity("no VMM is up to take the VM; see vmm_list",
                                  details={"short": "hosts"})
+            if vlan is not None:
+                candidates = [h for h in candidates if vlan in h.vlans]
+                if not candidates:
+                    raise NoCapacity(f"no VMM that is up carries VLAN {vlan}, the VLAN of "
+                                     f"the VM's IP range; use another --ip_range or ask the "
+                                     f"site admin", details={"short": "vlan", "vlan": vlan})
         fitting = [h for h in candidates if h.free_memory_mib >= vm.memory_mib
                    and h.cpus >= vm.vcpus]
         if not fitting:

@@ -40,6 +40,7 @@ class VmRec:
     started: float | None = None
     reason: str = ""
     rr: bool = False  # a member of its cluster's round-robin DNS name
+    vlan: int | None = None  # VLAN of its IP range: only hosts carrying it may run it
     task: str | None = None  # id of the task operating on it now
 
     def info(self) -> VmInfo:
@@ -66,6 +67,7 @@ class HostRec:
     vm_count: int = 0
     foreign_memory_mib: int = 0  # domains on the host that usher did not place
     foreign: list[str] = field(default_factory=list)
+    vlans: list[int] = field(default_factory=list)  # as its node manager declares
 
     @property
     def free_memory_mib(self) -> int:
@@ -77,7 +79,7 @@ class HostRec:
                         used_memory_mib=self.used_memory_mib + self.foreign_memory_mib,
                         used_vcpus=self.used_vcpus, vm_count=self.vm_count,
                         live_migration=self.live_migration, last_seen=self.last_seen,
-                        connected=self.connected)
+                        connected=self.connected, vlans=list(self.vlans))
 
 
 @dataclass(slots=True, eq=False)

@@ -47,7 +47,7 @@ import dns.rdatatype
 import dns.rrset
 
 from usher.dns.backend import DnsBackend
-from usher.dns.records import ChangeSet, Record, Zones, canonical_name
+from usher.dns.records import ChangeSet, Record, Zones, canonical_name, to_rdata
 from usher.errors import DnsError, DnsUnavailable
 
 __all__ = ["EmbeddedBackend", "EmbeddedDns", "Lookup", "ZoneStore"]
@@ -186,8 +186,7 @@ class ZoneStore:
                 if record.rdtype not in STORE_TYPES:
                     raise DnsError(f"the embedded DNS server holds only A, AAAA, PTR and TXT"
                                    f" records, not {record}")
-                rdata = dns.rdata.from_text(_IN, record.rdtype, record.value,
-                                            origin=dns.name.root, relativize=False)
+                rdata = to_rdata(record.rdtype, record.value)
                 steps.append((step.action == "add", zone, dns.name.from_text(record.name),
                               rdata))
         touched: set[_Zone] = set()

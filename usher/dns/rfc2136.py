@@ -45,7 +45,7 @@ import dns.xfr
 import dns.zone
 
 from usher.dns.backend import DnsBackend, is_bookkeeping
-from usher.dns.records import Change, ChangeSet, Record, Zones, canonical_name
+from usher.dns.records import Change, ChangeSet, Record, Zones, canonical_name, to_rdata
 from usher.errors import ConfigError, DnsError, DnsUnavailable
 
 __all__ = ["Rfc2136Backend", "parse_key_file"]
@@ -174,8 +174,7 @@ class Rfc2136Backend(DnsBackend):
         for step in steps:
             record = step.record
             name = dns.name.from_text(record.name)
-            rdata = dns.rdata.from_text(dns.rdataclass.IN, record.rdtype, record.value,
-                                        origin=dns.name.root, relativize=False)
+            rdata = to_rdata(record.rdtype, record.value)
             if step.action == "delete":
                 message.delete(name, rdata)
             else:

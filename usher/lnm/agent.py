@@ -163,7 +163,7 @@ class NodeAgent:
             facts=HostFactsMsg(hostname=self.hostname, cpus=facts.cpus,
                                memory_mib=facts.memory_mib, hypervisor=facts.hypervisor,
                                live_migration=caps.live_migration,
-                               managed_save=caps.managed_save),
+                               managed_save=caps.managed_save, vlans=list(cfg.vlans)),
             domains=[domain_msg(d) for d in domains]))
         self.registered.set()
         log.info("registered %s with %d domains", self.hostname, len(domains))

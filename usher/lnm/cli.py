@@ -23,7 +23,7 @@ from pathlib import Path
 
 from usher import sdnotify
 from usher.config import DEFAULT_LNM_CONFIG, LnmConfig, load_toml
-from usher.errors import UsherError
+from usher.errors import ConfigError, UsherError
 from usher.lnm.agent import NodeAgent
 from usher.lnm.drivers import make_driver
 from usher.lnm.drivers.base import HypervisorDriver
@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.memory:
                 changes["fake_memory_mib"] = args.memory
         cfg = dataclasses.replace(cfg, **changes)  # type: ignore[arg-type]
+        bad = [v for v in cfg.vlans if not 1 <= v <= 4094]
+        if bad:
+            raise ConfigError(f"{args.config}: vlans {bad} are not VLAN ids (1 to 4094)")
         asyncio.run(_run(cfg, os.environ.get("NOTIFY_SOCKET", "")))
     except UsherError as exc:
         print(f"usher-lnm: {exc.message}", file=sys.stderr)

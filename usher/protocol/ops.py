@@ -84,6 +84,7 @@ class HostInfo(_S):
     live_migration: bool = False
     last_seen: float = 0.0
     connected: bool = False  # its node manager is connected now
+    vlans: list[int] = []  # VLAN ids the host carries
 
 
 # --------------------------------------------------------- client operations
@@ -174,6 +175,7 @@ class HostFactsMsg(_S):
     hypervisor: str
     live_migration: bool = False
     managed_save: bool = False
+    vlans: list[int] = []  # VLAN ids the host's bridge carries
 
 
 class RegisterArgs(_S):

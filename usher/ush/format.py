@@ -160,15 +160,21 @@ def vm_table(vms: Sequence[VmInfo], domain: str | None, now: float, *,
 
 
 def host_table(hosts: Sequence[HostInfo]) -> str:
-    """The ``vmm_list`` table: NAME STATE CPUS MEM(MiB) USED VMS.
+    """The ``vmm_list`` table: NAME STATE CPUS MEM(MiB) USED VMS, and VLANS when
+    any host declares VLANs.
 
     USED is the memory (MiB) and vcpus taken by VMs: ``1024M/2``.
     """
-    rows = [[h.name, h.state, str(h.cpus), str(h.memory_mib),
-             f"{h.used_memory_mib}M/{h.used_vcpus}", str(h.vm_count)]
-            for h in sorted(hosts, key=lambda h: h.name)]
-    return render_table(["NAME", "STATE", "CPUS", "MEM(MiB)", "USED", "VMS"], rows,
-                        right=(2, 3, 4, 5))
+    with_vlans = any(h.vlans for h in hosts)
+    rows = []
+    for h in sorted(hosts, key=lambda h: h.name):
+        row = [h.name, h.state, str(h.cpus), str(h.memory_mib),
+               f"{h.used_memory_mib}M/{h.used_vcpus}", str(h.vm_count)]
+        if with_vlans:
+            row.append(",".join(map(str, h.vlans)) or _NONE)
+        rows.append(row)
+    headers = ["NAME", "STATE", "CPUS", "MEM(MiB)", "USED", "VMS"]
+    return render_table(headers + ["VLANS"] * with_vlans, rows, right=(2, 3, 4, 5))
 
 
 def task_table(tasks: Sequence[TaskInfo], domain: str | None, now: float) -> str:
