@@ -96,7 +96,7 @@ class Controller:
                                  # ipam first: the range's VLAN narrows the hosts.
                                  providers=ProviderChain([self.ipam, placement]),
                                  bus=EventBus(cfg.plugin_timeout_s), nodes=NodeLinks(),
-                                 sessions=Sessions())
+                                 sessions=Sessions(), ipam=self.ipam)
         self.vms = VmService(ctx)
         self.hosts = HostService(ctx, self.vms)
         self.dns_server: EmbeddedDns | None = None

@@ -7,6 +7,7 @@
     usher-controller [--config PATH] user add|passwd|del|list ...
     usher-controller [--config PATH] range add NAME CIDR [--gateway IP] [--vlan N]
                                            [--default] [--allow USER ...]
+                                           [--allow-group GROUP ...]
     usher-controller [--config PATH] range list | del NAME
     usher-controller [--config PATH] join-token HOSTNAME
     usher-controller [--config PATH] [serve]
@@ -150,7 +151,8 @@ def cmd_range(args: argparse.Namespace) -> int:
             own = ipam.host_networks()
             row = db.run_sync(lambda s: ipam.add_range(
                 s, args.name, args.cidr, gateway=args.gateway, vlan=args.vlan,
-                default=args.default, allow=args.allow, own=own))
+                default=args.default, allow=args.allow, allow_groups=args.allow_groups,
+                own=own))
             print(f"IP range {row.name} ({row.cidr}, gateway {row.gateway or '-'}) added; "
                   f"send the controller SIGHUP (or restart it) to use it")
         elif args.range_cmd == "del":
@@ -252,11 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     radd.add_argument("name")
     radd.add_argument("cidr", help="e.g. 10.20.0.0/24 or fd00:20::/64")
     radd.add_argument("--gateway", help="gateway address (default: the first address)")
-    radd.add_argument("--vlan", type=int, help="VLAN id (stored; not yet used)")
+    radd.add_argument("--vlan", type=int,
+                      help="VLAN id: its VMs go only to hosts that carry it")
     radd.add_argument("--default", action="store_true",
                       help="VMs started without --ip_range use this range")
     radd.add_argument("--allow", nargs="+", metavar="USER",
-                      help="users who may use it (default: * = everyone)")
+                      help="users who may use it (default: * = everyone, unless "
+                           "--allow-group is given)")
+    radd.add_argument("--allow-group", nargs="+", metavar="GROUP", dest="allow_groups",
+                      help="groups of the site cluster in the directory whose members "
+                           "may use it")
     rsub.add_parser("list", help="list IP ranges and their lease counts")
     rsub.add_parser("del", help="delete an IP range without leases").add_argument("name")
     jt = sub.add_parser("join-token", help="make a one-time token a new host joins with")

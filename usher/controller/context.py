@@ -29,6 +29,7 @@ from usher.protocol.ops import VmStateMsg
 if TYPE_CHECKING:
     from usher.controller.directory import DirectoryLink
     from usher.controller.dns import DnsProvider
+    from usher.controller.ipam import IpamProvider
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class Context:
     sessions: Sessions
     directory: DirectoryLink | None = None  # the site directory, when configured
     dns: DnsProvider | None = None  # the dns provider, when configured
+    ipam: IpamProvider | None = None
 
     def db_background(self, job: Callable[[Session], Any]) -> None:
         """Journal ``job`` without waiting for it (state seen by events); failures log."""

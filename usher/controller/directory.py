@@ -51,6 +51,8 @@ T = TypeVar("T")
 
 ENSURE_CLUSTER = "directory.ensure_cluster"
 MAX_RETRY_S = 60.0
+GROUPS_CACHE_S = 30.0
+"""How long the site's group memberships are reused before they are read again."""
 
 
 class DirectoryLink:
@@ -71,6 +73,7 @@ class DirectoryLink:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="usher-ldap")
         self._known: set[str] = set()  # clusters whose branch exists (this run)
         self._inflight: dict[str, asyncio.Future[str]] = {}  # cluster -> its ensure step
+        self._site_groups: tuple[float, dict[str, frozenset[str]]] | None = None
         self._wake = asyncio.Event()
 
     async def _run(self, fn: Callable[[], T]) -> T:
@@ -123,6 +126,35 @@ class DirectoryLink:
         except AuthenticationFailed:
             raise AuthenticationFailed("login failed: wrong user name or password") from None
         return found.uid
+
+    # ================================================================ groups
+    async def groups_of(self, user: str) -> frozenset[str]:
+        """The site-cluster groups ``user`` is a member of (IP range access lists).
+
+        Memberships are read for the whole site cluster at once and reused for
+        ``GROUPS_CACHE_S``, so a burst of starts costs one search.
+
+        Raises:
+            Unavailable: the directory did not answer.
+        """
+        now = time.monotonic()
+        cached = self._site_groups
+        if cached is None or now - cached[0] > GROUPS_CACHE_S:
+            by_user = await self._run(self._read_site_groups)
+            self._site_groups = cached = (now, by_user)
+        return cached[1].get(user, frozenset())
+
+    def _read_site_groups(self) -> dict[str, frozenset[str]]:
+        service = self._service()
+        try:
+            groups = service.list_groups(self.site)
+        finally:
+            service.close()
+        by_user: dict[str, set[str]] = {}
+        for group in groups:
+            for member in group.members:
+                by_user.setdefault(member.lower(), set()).add(group.name)
+        return {user: frozenset(names) for user, names in by_user.items()}
 
     # ===================================================== cluster branches
     async def ensure_cluster(self, cluster: str, creator: str, task_id: str) -> str:

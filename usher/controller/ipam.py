@@ -13,9 +13,11 @@ row. Ranges and leases are loaded at start-up; ranges are read again on
 SIGHUP (``usher-controller range`` edits the database, then signals or
 restarts the daemon).
 
-Access lists name users (``*``: everyone). Groups are stored but not yet
-evaluated: there are no directory groups until the directory provider can
-answer membership, so a range that lists only groups admits nobody for now.
+Access lists name users (``*``: everyone) and groups: the groups of the site
+cluster in the directory (``usher_groupadd`` in the site's own cluster). The
+service looks the caller's groups up before a start that needs them (cached
+for a short while); without a directory there are no groups, so only the
+listed users are admitted.
 
 IPv4 and IPv6 ranges are handled alike with :mod:`ipaddress`: the network
 address, the IPv4 broadcast address and the gateway are never handed out.
@@ -44,6 +46,7 @@ from usher.errors import (
     NoCapacity,
     NotFound,
     PermissionDenied,
+    UsherError,
 )
 
 log = logging.getLogger(__name__)
@@ -80,8 +83,8 @@ class RangeRec:
         self.taken.discard(addr)
         self.cursor = min(self.cursor, int(addr))
 
-    def allows(self, user: str) -> bool:
-        return EVERYONE in self.users or user in self.users
+    def allows(self, user: str, groups: frozenset[str] = frozenset()) -> bool:
+        return EVERYONE in self.users or user in self.users or bool(self.groups & groups)
 
     def usable(self, addr: Address) -> bool:
         """True if ``addr`` may be given to a VM (leased or not)."""
@@ -142,9 +145,9 @@ class IpamProvider(Provider):
         rng = self._range_for(placement.ip_range, placement.ip)
         if rng is None:
             return
-        if not rng.allows(vm.owner):
+        if not rng.allows(vm.owner, placement.groups):
             raise PermissionDenied(f"{vm.owner} may not use IP range {rng.name}; "
-                               f"ask the site admin")
+                                   f"ask the site admin")
         addr = self._requested(rng, placement.ip) if placement.ip else self._lowest_free(rng)
         self._hold(vm.uuid, rng.name, addr)
         vm.ip = str(addr)
@@ -217,6 +220,14 @@ class IpamProvider(Provider):
             vm.ip = None
             vm.vlan = None
 
+    def needs_groups(self, range_name: str | None, user: str) -> bool:
+        """True if admitting ``user`` to the range a start would use depends on groups."""
+        try:
+            rng = self._range_for(range_name, None)
+        except UsherError:
+            return False  # reserve reports it
+        return rng is not None and bool(rng.groups) and not rng.allows(user)
+
     def vlan_of(self, vm_uuid: str) -> int | None:
         """The VLAN of the range ``vm_uuid`` has its address from (None: untagged or none)."""
         held = self._by_vm.get(vm_uuid)
@@ -283,8 +294,14 @@ def parse_range(name: str, cidr: str, gateway: str | None,
 
 def add_range(session: Session, name: str, cidr: str, *, gateway: str | None = None,
               vlan: int | None = None, default: bool = False, allow: list[str] | None = None,
+              allow_groups: list[str] | None = None,
               own: list[Network] | None = None) -> IpRange:
-    """Add a range (admin CLI); refuses overlaps with this machine and other ranges."""
+    """Add a range (admin CLI); refuses overlaps with this machine and other ranges.
+
+    ``allow`` names users (``*``: everyone), ``allow_groups`` site-cluster
+    groups; with neither, everyone may use the range; with groups only, only
+    their members.
+    """
     net, gw = parse_range(name, cidr, gateway, own or [])
     if vlan is not None and not 1 <= vlan <= 4094:
         raise InvalidOption(f"--vlan {vlan} is out of range; give 1 to 4094")
@@ -298,7 +315,9 @@ def add_range(session: Session, name: str, cidr: str, *, gateway: str | None = N
             other.is_default = False
     row = IpRange(name=name, cidr=str(net), gateway=str(gw) if gw else None, vlan=vlan,
                   family=net.version, is_default=default,
-                  access=json.dumps({"users": sorted(set(allow or [EVERYONE])), "groups": []}),
+                  access=json.dumps({"users": sorted(set(allow or ([] if allow_groups
+                                                                   else [EVERYONE]))),
+                                     "groups": sorted(set(allow_groups or []))}),
                   created=time.time())
     session.add(row)
     return row

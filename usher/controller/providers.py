@@ -46,6 +46,7 @@ class Placement:
     ip_range: str | None = None  # --ip_range
     ip: str | None = None  # --ip
     rr: bool = False  # --rr
+    groups: frozenset[str] = frozenset()  # the owner's directory groups, when needed
     notes: dict[str, str] = field(default_factory=dict)
 
 

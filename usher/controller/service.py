@@ -307,6 +307,14 @@ class VmService:
     async def _start_decided(self, identity: Identity, names: list[VmName],
                              options: StartOptions, request_id: str) -> Accepted:
         cfg = self.ctx.config
+        # Range access lists may name directory groups: the owners' groups are
+        # read (cached) before the decision, which must not await.
+        groups: dict[str, frozenset[str]] = {}
+        ipam, directory = self.ctx.ipam, self.ctx.directory
+        if ipam is not None and directory is not None:
+            for owner in {n.owner or identity.user for n in names}:
+                if ipam.needs_groups(options.ip_range, owner):
+                    groups[owner] = await directory.groups_of(owner)
         plan: list[tuple[VmName, VmRec | None, bool]] = []  # (name, existing, acts)
         seen: set[str] = set()
         for name in names:
@@ -340,7 +348,9 @@ class VmService:
                     new_vms.append(vm)
                     self.ctx.providers.reserve(Placement(vm=vm, vmm=options.vmm,
                                                         ip_range=options.ip_range,
-                                                        ip=options.ip, rr=options.rr))
+                                                        ip=options.ip, rr=options.rr,
+                                                        groups=groups.get(vm.owner,
+                                                                          frozenset())))
                     task = self._new_task("start", identity, vm, now, created_vm=True)
                 elif not acts:
                     existing = self.reg.tasks.get(vm.task) if vm.task else None

@@ -18,6 +18,7 @@ from tests.integration.directory.conftest import (
     Site,
 )
 from usher.client import AsyncClient
+from usher.controller import ipam
 from usher.controller.app import Controller
 from usher.directory.slapd import Slapd
 from usher.errors import AuthenticationFailed, PermissionDenied, RateLimited
@@ -131,6 +132,29 @@ async def test_a_batch_in_a_new_cluster_asks_the_directory_once(
                 "crowd.seuss.usher.test")}["admin"].members
     finally:
         await seuss.close()
+
+
+async def test_ip_range_access_by_site_group(controller: RunningController,
+                                            site: Site) -> None:
+    with site.admin() as admin:
+        admin.add_group(SITE, "gpu")
+        admin.modify_group(SITE, "gpu", add=["seuss"])
+    db = controller.ctrl.ctx.db
+    await db.run(lambda s: ipam.add_range(s, "gpu", "10.90.0.0/24", allow_groups=["gpu"]))
+    await controller.ctrl.reload_ranges()
+    await controller.start_node("h1.usher.test")
+    seuss = await _login(controller, "seuss", PASSWORDS["seuss"])
+    horton = await _login(controller, "horton", PASSWORDS["horton"])
+    try:
+        [done] = await seuss.wait_all(await seuss.start(["g1"], ram=32, ip_range="gpu"), 10)
+        assert done.state == "done"
+        [vm] = await seuss.list_vms(["g1"])
+        assert vm.ip == "10.90.0.2"
+        with pytest.raises(PermissionDenied, match="horton may not use IP range gpu"):
+            await horton.start(["h1"], ram=32, ip_range="gpu")
+    finally:
+        await seuss.close()
+        await horton.close()
 
 
 async def test_directory_away_queues_the_branch_in_the_outbox(tmp_path: Path) -> None:

@@ -37,6 +37,12 @@ def test_range_add_list_del(config: str, capsys: pytest.CaptureFixture[str]) -> 
     [line] = [x for x in out.splitlines() if x.startswith("lab ")]
     assert line.split() == ["lab", "10.66.0.0/24", "10.66.0.1", "20", "0", "yes",
                             "horton,seuss"]
+    code, out, _ = run("add", "gpu", "10.67.0.0/24", "--allow-group", "gpu-users")
+    assert code == 0
+    code, out, _ = run("list")
+    [line] = [x for x in out.splitlines() if x.startswith("gpu ")]
+    assert line.split()[-1] == "@gpu-users"  # members of the group only
+    assert run("del", "gpu")[0] == 0
     code, _, err = run("del", "nope")
     assert code == 3 and "no IP range named nope" in err
     code, out, _ = run("del", "lab")

@@ -93,6 +93,37 @@ def test_access_list_names_users() -> None:
         p.reserve(Placement(vm=_vm("b", owner="horton")))
 
 
+def test_access_list_groups() -> None:
+    p = _ipam(users=frozenset())
+    p.ranges["lab"].groups = frozenset({"gpu"})
+    assert p.needs_groups(None, "seuss") and p.needs_groups("lab", "seuss")
+    member = _vm("a", owner="seuss")
+    p.reserve(Placement(vm=member, groups=frozenset({"gpu", "other"})))
+    assert member.ip == "10.9.0.2"
+    # Without the group (or without a directory to say so) the range is closed.
+    with pytest.raises(PermissionDenied, match="horton may not use IP range lab"):
+        p.reserve(Placement(vm=_vm("b", owner="horton"), groups=frozenset({"other"})))
+    with pytest.raises(PermissionDenied):
+        p.reserve(Placement(vm=_vm("c", owner="horton")))
+    open_range = _ipam()
+    assert not open_range.needs_groups(None, "horton")
+
+
+def test_lowest_free_resumes_at_the_cursor_and_reuses_freed_addresses() -> None:
+    p = _ipam("10.9.0.0/24")
+    vms = [_vm(str(i)) for i in range(5)]
+    for vm in vms:
+        p.reserve(Placement(vm=vm))
+    assert [vm.ip for vm in vms] == [f"10.9.0.{i}" for i in range(2, 7)]
+    p.release(vms[1])
+    again = _vm("again")
+    p.reserve(Placement(vm=again))
+    assert again.ip == "10.9.0.3"
+    nxt = _vm("next")
+    p.reserve(Placement(vm=nxt))
+    assert nxt.ip == "10.9.0.7"
+
+
 def test_ipv6_range() -> None:
     p = _ipam("fd00:9::/120", gateway="fd00:9::1")
     vm = _vm()
