@@ -113,7 +113,11 @@ class LnmConfig:
     fake_host_file: str = _f("", "fake host: libvirt test-driver host file")
     vlans: list[int] = _f([], "VLAN ids this host's bridge carries: VMs of an IP range "
                           "with a VLAN are placed only on hosts that carry it")
+    network: str = _f("default", "libvirt network the VMs' interfaces join; where it serves "
+                      "DHCP on a VM's subnet, each VM's address becomes a DHCP host entry")
     fake_cpus: int = _f(8, "fake host: cpus")
+    fake_network: str = _f("", "fake host: CIDR of a network named by 'network' with DHCP, "
+                           "made in the host file (empty: none)")
     fake_memory_mib: int = _f(16384, "fake host: memory")
     call_timeout_s: float = _f(60.0, "a hypervisor call that takes longer fails")
     backoff_initial_s: float = _f(0.2, "first reconnect delay")

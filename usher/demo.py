@@ -118,7 +118,9 @@ class Demo:
                              controller_name="localhost", ca_cert=cfg.ca_cert, cert=str(cert),
                              key=str(key), hostname=name, driver="libvirt",
                              fake_host_file=str(hdir / "host.xml"), fake_cpus=cpus,
-                             fake_memory_mib=mem, backoff_max_s=5.0)
+                             fake_memory_mib=mem, backoff_max_s=5.0,
+                             network="usher" if self.addresses else "default",
+                             fake_network=DEMO_RANGE if self.addresses else "")
             (hdir / "lnm.toml").write_text(to_toml(lcfg))
             hosts.append({"name": name, "cpus": cpus, "memory_mib": mem,
                           "uri": f"test://{hdir / 'host.xml'}", "config": str(hdir / "lnm.toml")})

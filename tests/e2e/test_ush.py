@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.site import Site, wait_for
+from usher.lnm.fakehost import stored_domains
 
 pytestmark = pytest.mark.e2e
 
@@ -100,6 +102,34 @@ def test_lifecycle_through_every_verb(site: Site) -> None:
     assert not [n for n in vms(site) if n.endswith(".life")]
     assert not any(name.endswith(".life.seuss.usher.test")
                    for places in site.all_domains().values() for _, name, _ in places)
+
+
+def dig(site: Site, *args: str) -> set[str]:
+    """``dig +short`` against the demo's embedded DNS server (on loopback)."""
+    host, port = str(site.info["dns"]).rsplit(":", 1)
+    out = subprocess.run(["dig", f"@{host}", "-p", port, "+short", "+time=2", "+tries=1",
+                          *args], capture_output=True, text=True, timeout=10).stdout
+    return {line for line in out.splitlines() if line}
+
+
+def test_names_resolve_and_addresses_reach_the_hosts(site: Site) -> None:
+    ok(site, "start redfish.sneetch --ram 64", "start {1..2}.pool --ram 64 --rr")
+    table = vms(site)
+    red = table["redfish.sneetch"]
+    assert str(red["ip"]).startswith("10.87.") and red["dns"] == "ok"
+    assert dig(site, "redfish.sneetch.seuss.usher.test") == {red["ip"]}
+    assert dig(site, "-x", str(red["ip"])) == {"redfish.sneetch.seuss.usher.test."}
+    members = {table[f"{i}.pool"]["ip"] for i in (1, 2)}
+    assert dig(site, "pool.seuss.usher.test") == members
+    # The node manager got the address with the domain (its DHCP host entry
+    # is made from it); it is in the domain's own metadata on the host.
+    [(i, _, _)] = site.all_domains()[str(red["uuid"])]
+    xml = stored_domains(Path(site.hosts[i]["uri"].removeprefix("test://")))[str(red["uuid"])]
+    assert f">{red['ip']}</usher:ip>" in xml and "prefix=\"16\"" in xml
+    assert "--rr" in ok(site, "help start")
+    ok(site, "destroy redfish.sneetch {1..2}.pool")
+    wait_for(lambda: dig(site, "redfish.sneetch.seuss.usher.test") == set()
+             and dig(site, "pool.seuss.usher.test") == set(), 5, "records to go")
 
 
 def test_tasks_and_wait(site: Site) -> None:

@@ -228,6 +228,14 @@ class IpamProvider(Provider):
             return False  # reserve reports it
         return rng is not None and bool(rng.groups) and not rng.allows(user)
 
+    def network_of(self, vm_uuid: str) -> tuple[int | None, str | None]:
+        """(prefix length, gateway) of the range ``vm_uuid`` has its address from."""
+        held = self._by_vm.get(vm_uuid)
+        rng = self.ranges.get(held[0]) if held is not None else None
+        if rng is None:
+            return None, None
+        return rng.network.prefixlen, str(rng.gateway) if rng.gateway else None
+
     def vlan_of(self, vm_uuid: str) -> int | None:
         """The VLAN of the range ``vm_uuid`` has its address from (None: untagged or none)."""
         held = self._by_vm.get(vm_uuid)

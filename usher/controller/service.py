@@ -556,8 +556,12 @@ class VmService:
                 raise HostUnavailable(f"VMM {host} did not come back")
 
     def _spec(self, vm: VmRec, task: TaskRec) -> DomainSpecMsg:
+        prefix = gateway = None
+        if vm.ip is not None and self.ctx.ipam is not None:
+            prefix, gateway = self.ctx.ipam.network_of(vm.uuid)
         return DomainSpecMsg(uuid=vm.uuid, name=vm.name, memory_mib=vm.memory_mib,
-                             vcpus=vm.vcpus, mac=vm.mac, owner=vm.owner, task_id=task.id)
+                             vcpus=vm.vcpus, mac=vm.mac, owner=vm.owner, task_id=task.id,
+                             ip=vm.ip, ip_prefix=prefix, gateway=gateway)
 
     async def _execute(self, task: TaskRec, vm: VmRec, previous: str) -> None:
         nodes, op = self.ctx.nodes, task.op

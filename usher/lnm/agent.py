@@ -230,7 +230,8 @@ class NodeAgent:
             assert isinstance(args, DefineArgs)
             s = args.spec
             spec = DomainSpec(uuid=s.uuid, name=s.name, memory_mib=s.memory_mib,
-                              vcpus=s.vcpus, mac=s.mac, owner=s.owner, task_id=s.task_id)
+                              vcpus=s.vcpus, mac=s.mac, owner=s.owner, task_id=s.task_id,
+                              ip=s.ip, ip_prefix=s.ip_prefix, gateway=s.gateway)
 
             def define() -> DomainMsg:
                 info = d.define(spec)

@@ -35,11 +35,15 @@ def build_driver(cfg: LnmConfig, hostname: str) -> HypervisorDriver:
         from usher.lnm.fakehost import FakeHost
 
         fake = FakeHost.create(Path(cfg.fake_host_file).resolve(), hostname=hostname,
-                               cpus=cfg.fake_cpus, memory_mib=cfg.fake_memory_mib)
-        return make_driver("libvirt", uri=fake.uri, fake_host=fake)
+                               cpus=cfg.fake_cpus, memory_mib=cfg.fake_memory_mib,
+                               network=(cfg.network, cfg.fake_network)
+                               if cfg.fake_network else None)
+        return make_driver("libvirt", uri=fake.uri, fake_host=fake, network=cfg.network)
     if cfg.driver == "fake":
         return make_driver("fake", hostname=hostname, cpus=cfg.fake_cpus,
                            memory_mib=cfg.fake_memory_mib)
+    if cfg.driver == "libvirt":
+        return make_driver("libvirt", uri=cfg.uri, network=cfg.network)
     return make_driver(cfg.driver, uri=cfg.uri)
 
 

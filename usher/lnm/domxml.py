@@ -11,7 +11,12 @@ usher records who owns a domain in the domain's own ``<metadata>``::
     <usher:vm xmlns:usher="https://usher.dev/xmlns/domain/1">
       <usher:owner>alice</usher:owner>
       <usher:task>t-123</usher:task>
+      <usher:ip prefix="24" gateway="10.0.0.1">10.0.0.5</usher:ip>
     </usher:vm>
+
+The address is there so a node manager can give it back to the VM (a DHCP
+host entry on the VM's libvirt network) after a restart, from the domains
+alone.
 
 :func:`parse_domain_xml` reads that back, with the facts the driver reports
 (memory, vCPUs, MAC) from any domain, usher's or not.
@@ -59,8 +64,9 @@ def domain_type_for_uri(uri: str) -> str:
     raise ConfigError(f"no domain type policy for hypervisor URI {uri!r}; set it explicitly")
 
 
-def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
-    """The domain XML that defines ``spec`` with ``<domain type=domain_type>``."""
+def build_domain_xml(spec: DomainSpec, domain_type: str, *, network: str = "default") -> str:
+    """The domain XML that defines ``spec`` with ``<domain type=domain_type>``,
+    its interface on the libvirt network ``network``."""
     root = ET.Element("domain", type=domain_type)
     _text(root, "name", spec.name)
     _text(root, "uuid", spec.uuid)
@@ -75,7 +81,7 @@ def build_domain_xml(spec: DomainSpec, domain_type: str) -> str:
     _text(root, "on_reboot", "restart")
     _text(root, "on_crash", "destroy")
     devices = ET.SubElement(root, "devices")
-    devices.append(_interface(spec))
+    devices.append(_interface(spec, network))
     serial = ET.SubElement(devices, "serial", type="pty")
     ET.SubElement(serial, "target", port="0")
     console = ET.SubElement(devices, "console", type="pty")
@@ -101,15 +107,23 @@ def _metadata(spec: DomainSpec) -> ET.Element:
     vm = ET.SubElement(metadata, "usher:vm", {"xmlns:usher": USHER_NS})
     _text(vm, "usher:owner", spec.owner)
     _text(vm, "usher:task", spec.task_id)
+    if spec.ip is not None:
+        attrs = {}
+        if spec.ip_prefix is not None:
+            attrs["prefix"] = str(spec.ip_prefix)
+        if spec.gateway is not None:
+            attrs["gateway"] = spec.gateway
+        _text(vm, "usher:ip", spec.ip, **attrs)
     return metadata
 
 
-def _interface(spec: DomainSpec) -> ET.Element:
-    # A libvirt network is what the test driver accepts without host setup;
-    # real hosts will get their bridge here once specs carry networks.
+def _interface(spec: DomainSpec, network: str) -> ET.Element:
+    # A libvirt network: the node manager can hand out the VM's address
+    # through the network's DHCP server (and the test driver accepts it
+    # without host setup).
     iface = ET.Element("interface", type="network")
     ET.SubElement(iface, "mac", address=spec.mac)
-    ET.SubElement(iface, "source", network="default")
+    ET.SubElement(iface, "source", network=network)
     ET.SubElement(iface, "model", type="virtio")
     return iface
 
@@ -125,6 +139,7 @@ class DomainXmlFacts:
     mac: str | None         # the first interface's MAC
     owner: str | None       # None: no usher metadata
     task_id: str | None
+    ip: str | None = None   # the address usher leased it
 
 
 def parse_domain_xml(xml: str) -> DomainXmlFacts:
@@ -153,6 +168,7 @@ def parse_domain_xml(xml: str) -> DomainXmlFacts:
         mac=mac_el.get("address") if mac_el is not None else None,
         owner=vm.findtext(f"{{{USHER_NS}}}owner") if vm is not None else None,
         task_id=vm.findtext(f"{{{USHER_NS}}}task") if vm is not None else None,
+        ip=vm.findtext(f"{{{USHER_NS}}}ip") if vm is not None else None,
     )
 
 

@@ -24,12 +24,14 @@ comes back STOPPED; a domain that was shutting down comes back RUNNING.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
@@ -75,15 +77,20 @@ class FakeHost:
         # uuid -> that domain's <domain> element as stored, in file order.
         # None until the first full scan of a connection.
         self._chunks: dict[str, str] | None = None
+        self.networks: list[str] = []  # <network> elements of the file, as XML
         self._file_bytes = 0
         self._journal_bytes = 0
 
     @classmethod
-    def create(cls, path: Path, *, hostname: str, cpus: int, memory_mib: int) -> FakeHost:
+    def create(cls, path: Path, *, hostname: str, cpus: int, memory_mib: int,
+               network: tuple[str, str] | None = None) -> FakeHost:
         """The fake host stored at ``path``, writing the file if needed.
 
-        A new file holds no domains. An existing file keeps its domains; its
-        size is rewritten if ``cpus`` or ``memory_mib`` differ.
+        A new file holds no domains. An existing file keeps its domains (and
+        its networks); its size is rewritten if ``cpus`` or ``memory_mib``
+        differ. ``network`` ``(NAME, CIDR)`` gives the host a libvirt network
+        of that name serving DHCP on that subnet (its first address is the
+        gateway), if it has none of that name yet.
 
         Raises:
             ConfigError: ``path`` exists but is not a host file, or the size
@@ -93,14 +100,20 @@ class FakeHost:
         if cpus <= 0 or memory_mib <= 0:
             raise ConfigError(f"fake host {hostname} needs a positive size")
         host = cls(path.absolute(), hostname=hostname, cpus=cpus, memory_mib=memory_mib)
+        new_network = network_xml(*network) if network is not None else None
         if not host.path.exists():
             _journal_path(host.path).unlink(missing_ok=True)  # no file: nothing to replay
+            host.networks = [new_network] if new_network else []
             host._write(host._render([]))
             return host
-        head, chunks, replayed = _load(host.path)
-        old_cpus, old_memory_mib = head
-        if replayed or (old_cpus, old_memory_mib) != (cpus, memory_mib):
-            host._write(host._render(chunks.values()))
+        stored = _load(host.path)
+        host.networks = stored.networks
+        added = network is not None and f"<name>{network[0]}</name>" not in "".join(
+            host.networks)
+        if added and new_network:
+            host.networks.append(new_network)
+        if added or stored.replayed or stored.size != (cpus, memory_mib):
+            host._write(host._render(stored.chunks.values()))
         return host
 
     def compact(self) -> None:
@@ -116,8 +129,9 @@ class FakeHost:
         with self._lock:
             if not _journal_path(self.path).exists():
                 return
-            _, chunks, _ = _load(self.path)
-            self._write(self._render(chunks.values()))
+            stored = _load(self.path)
+            self.networks = stored.networks
+            self._write(self._render(stored.chunks.values()))
 
     @property
     def uri(self) -> str:
@@ -172,7 +186,7 @@ class FakeHost:
             f"<cores>{self.cpus}</cores><threads>1</threads><active>{self.cpus}</active></cpu>\n"
             f"<memory>{self.memory_mib * 1024}</memory>\n"
         )
-        return head + "".join(chunks) + "</node>\n"
+        return head + "".join(n + "\n" for n in self.networks) + "".join(chunks) + "</node>\n"
 
     def _write(self, text: str) -> None:
         """Replace the file with ``text`` (atomically) and drop the journal it includes."""
@@ -208,11 +222,35 @@ def _journal_path(path: Path) -> Path:
     return path.with_name(path.name + JOURNAL_SUFFIX)
 
 
-def _load(path: Path) -> tuple[tuple[int, int], dict[str, str], bool]:
-    """Read a host file and replay its journal, writing nothing.
+@dataclass(slots=True)
+class _Stored:
+    size: tuple[int, int]  # (cpus, memory_mib)
+    chunks: dict[str, str]  # uuid -> stored domain XML
+    replayed: bool  # a journal changed anything
+    networks: list[str]
 
-    Returns ``((cpus, memory_mib), {uuid: stored domain XML}, replayed)``;
-    ``replayed`` is True if a journal changed anything.
+
+def network_xml(name: str, cidr: str) -> str:
+    """A test-driver ``<network>`` serving DHCP on ``cidr`` (gateway: its first address).
+
+    Raises:
+        ConfigError: ``cidr`` is not an IPv4 network with room for hosts.
+    """
+    try:
+        net = ipaddress.IPv4Network(cidr, strict=True)
+    except ValueError as exc:
+        raise ConfigError(f"fake host network {cidr!r}: {exc}") from None
+    if net.num_addresses < 4:
+        raise ConfigError(f"fake host network {cidr} is too small")
+    gateway, first, last = net[1], net[2], net[-2]
+    bridge = f"ush-{name}"[:15]  # Linux interface names are 15 characters at most
+    return (f"<network><name>{name}</name><bridge name='{bridge}'/>"
+            f"<ip address='{gateway}' prefix='{net.prefixlen}'><dhcp>"
+            f"<range start='{first}' end='{last}'/></dhcp></ip></network>")
+
+
+def _load(path: Path) -> _Stored:
+    """Read a host file and replay its journal, writing nothing.
 
     Raises:
         ConfigError: the file is not a host file.
@@ -224,6 +262,10 @@ def _load(path: Path) -> tuple[tuple[int, int], dict[str, str], bool]:
         raise ConfigError(f"{path} is not a fake host file: {e}") from e
     if root.tag != "node":
         raise ConfigError(f"{path} is not a fake host file: no <node>")
+    networks = []
+    for net in root.findall("network"):
+        net.tail = None
+        networks.append(ET.tostring(net, encoding="unicode"))
     chunks: dict[str, str] = {}
     for i, dom in enumerate(root.findall("domain")):
         dom.tail = None
@@ -247,7 +289,7 @@ def _load(path: Path) -> tuple[tuple[int, int], dict[str, str], bool]:
         else:
             chunks[uuid] = xml
         replayed = True
-    return head, chunks, replayed
+    return _Stored(head, chunks, replayed, networks)
 
 
 def compact(path: Path) -> None:
@@ -255,13 +297,14 @@ def compact(path: Path) -> None:
 
     Only while no node manager drives the host: it appends to the journal.
     """
-    head, chunks, replayed = _load(path)
-    if replayed:
+    stored = _load(path)
+    if stored.replayed:
         with path.open(encoding="utf-8") as fh:
             found = _HOSTNAME.search(fh.read(4096))
         host = FakeHost(path, hostname=found.group(1) if found else path.stem,
-                        cpus=head[0], memory_mib=head[1])
-        host._write(host._render(chunks.values()))
+                        cpus=stored.size[0], memory_mib=stored.size[1])
+        host.networks = stored.networks
+        host._write(host._render(stored.chunks.values()))
 
 
 _HOSTNAME = re.compile(r"<!-- usher fake host (\S+) -->")
@@ -269,7 +312,7 @@ _HOSTNAME = re.compile(r"<!-- usher fake host (\S+) -->")
 
 def stored_domains(path: Path) -> dict[str, str]:
     """The domains a host file and its journal hold: uuid -> stored XML. Writes nothing."""
-    return _load(path)[1]
+    return _load(path).chunks
 
 
 def _stored_domain(dom: libvirt.virDomain) -> str:

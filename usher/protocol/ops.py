@@ -155,6 +155,9 @@ class DomainSpecMsg(_S):
     mac: str
     owner: str
     task_id: str
+    ip: str | None = None  # the VM's leased address, which the node manager hands it
+    ip_prefix: int | None = None  # prefix length of its range
+    gateway: str | None = None
 
 
 class DomainMsg(_S):

@@ -6,6 +6,7 @@ Set USHER_UPDATE_GOLDEN=1 to rewrite the golden files after an intended change
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -55,6 +56,15 @@ def test_domain_xml_is_deterministic() -> None:
 
 def test_parse_reads_back_what_build_wrote() -> None:
     assert parse_domain_xml(build_domain_xml(SPEC, "test")) == facts_of(SPEC)
+
+
+def test_address_goes_into_metadata_and_the_interface_joins_the_network() -> None:
+    spec = dataclasses.replace(SPEC, ip="10.87.0.5", ip_prefix=16, gateway="10.87.0.1")
+    xml = build_domain_xml(spec, "test", network="usher")
+    assert '<usher:ip prefix="16" gateway="10.87.0.1">10.87.0.5</usher:ip>' in xml
+    assert "<source network=\"usher\" />" in xml
+    assert parse_domain_xml(xml).ip == "10.87.0.5"
+    assert parse_domain_xml(build_domain_xml(SPEC, "test")).ip is None
 
 
 def test_metadata_text_is_escaped() -> None:

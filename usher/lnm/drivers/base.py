@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import ipaddress
 import re
 import uuid as uuidlib
 from collections.abc import Callable
@@ -61,6 +62,9 @@ class DomainSpec:
     mac: str                # "52:54:00:xx:xx:xx"
     owner: str              # usher user name
     task_id: str            # the task that created the VM
+    ip: str | None = None   # leased address: a DHCP host entry / kernel command line
+    ip_prefix: int | None = None
+    gateway: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +141,15 @@ def check_spec(spec: DomainSpec) -> None:
         raise InvalidRequest(
             f"domain {spec.name} needs positive memory and vCPUs "
             f"(got {spec.memory_mib} MiB, {spec.vcpus} vCPUs)")
+    if spec.ip is not None:
+        try:
+            addr = ipaddress.ip_address(spec.ip)
+            if spec.ip_prefix is not None:
+                ipaddress.ip_network(f"{addr}/{spec.ip_prefix}", strict=False)
+            if spec.gateway is not None:
+                ipaddress.ip_address(spec.gateway)
+        except ValueError as exc:
+            raise InvalidRequest(f"domain {spec.name}: bad address: {exc}") from None
 
 
 def invalid_state(verb: str, uuid: str, name: str, state: DomainState) -> InvalidState:

@@ -18,11 +18,14 @@ domain RUNNING and produces no lifecycle event.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -189,10 +192,12 @@ class LibvirtDriver(HypervisorDriver):
     name: ClassVar[str] = "libvirt"
 
     def __init__(self, uri: str, *, domain_type: str | None = None,
-                 fake_host: FakeHost | None = None) -> None:
+                 fake_host: FakeHost | None = None, network: str = "default") -> None:
         if fake_host is not None and fake_host.uri != uri:
             raise ConfigError(f"fake host {fake_host.uri} does not match URI {uri}")
         self.uri = uri
+        self.network = network
+        self._dhcp: _Dhcp | None = None
         self.domain_type = domain_type or domain_type_for_uri(uri)
         self.capabilities = capabilities_for_uri(uri)
         self._fake_host = fake_host
@@ -221,6 +226,7 @@ class LibvirtDriver(HypervisorDriver):
                     self._subscribe()
                 # A fresh connection starts from the file: rescan it all once.
                 self._save_fake_host(None)
+                self._dhcp_sync()
             except BaseException:
                 self.close()
                 raise
@@ -234,6 +240,7 @@ class LibvirtDriver(HypervisorDriver):
                 except UsherError:
                     log.exception("saving fake host %s failed", self.uri)
             conn, self._conn = self._conn, None
+            self._dhcp = None
             if conn is None:
                 return
             if self._callback_id is not None:
@@ -323,15 +330,19 @@ class LibvirtDriver(HypervisorDriver):
         with self._changing(spec.uuid):
             conn = self._connection()
             dom = self._find(conn.lookupByUUIDString, spec.uuid)
-            if dom is not None:
-                return self._info(dom)
-            clash = self._find(conn.lookupByName, spec.name)
-            if clash is not None:
-                raise DomainExists(
-                    f"domain name {spec.name} is taken by domain {clash.UUIDString()}",
-                    details={"name": spec.name, "uuid": clash.UUIDString()})
-            with libvirt_errors(f"define {spec.name}", spec.uuid):
-                dom = conn.defineXML(build_domain_xml(spec, self.domain_type))
+            if dom is None:
+                clash = self._find(conn.lookupByName, spec.name)
+                if clash is not None:
+                    raise DomainExists(
+                        f"domain name {spec.name} is taken by domain {clash.UUIDString()}",
+                        details={"name": spec.name, "uuid": clash.UUIDString()})
+                with libvirt_errors(f"define {spec.name}", spec.uuid):
+                    dom = conn.defineXML(build_domain_xml(spec, self.domain_type,
+                                                          network=self.network))
+            # Also for a domain that exists: a retried define after a crash
+            # between the two steps still gets its address handed out.
+            if spec.ip is not None:
+                self._dhcp_add(spec.name, spec.mac, spec.ip)
             return self._info(dom)
 
     def start(self, uuid: str) -> DomainInfo:
@@ -443,6 +454,10 @@ class LibvirtDriver(HypervisorDriver):
             dom = self._find(self._connection().lookupByUUIDString, uuid)
             if dom is None:
                 return
+            with libvirt_errors(f"read {uuid}", uuid):
+                facts = parse_domain_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            if facts.ip is not None and facts.mac is not None:
+                self._dhcp_remove(facts.mac, facts.ip)
             try:
                 with libvirt_errors(f"undefine {dom.name()}", uuid):
                     if dom.isActive():
@@ -454,6 +469,93 @@ class LibvirtDriver(HypervisorDriver):
                                       | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
             except DomainNotFound:
                 return
+
+    # -- addresses: DHCP host entries on the VMs' libvirt network ----------------
+
+    def _dhcp_state(self) -> _Dhcp:
+        """The network's DHCP sections and host entries, read once per connection.
+
+        The entries are kept in memory and changed along with the network, so
+        a start costs no read of a network that lists thousands of hosts.
+        """
+        if self._dhcp is None:
+            try:
+                net = self._connection().networkLookupByName(self.network)
+            except libvirt.libvirtError:
+                self._dhcp = _Dhcp(None, [], set())  # no such network: nothing to do
+                return self._dhcp
+            with libvirt_errors(f"read network {self.network}"):
+                root = ET.fromstring(net.XMLDesc(0))
+            sections = []
+            for index, el in enumerate(root.findall("ip")):
+                if el.find("dhcp") is not None and el.get("address"):
+                    prefix = el.get("prefix") or el.get("netmask") or ""
+                    sections.append((index, ipaddress.ip_interface(
+                        f"{el.get('address')}/{prefix}").network))
+            hosts = {(h.get("mac"), h.get("ip")) for h in root.iterfind("ip/dhcp/host")}
+            self._dhcp = _Dhcp(net, sections, hosts)
+        return self._dhcp
+
+    def _dhcp_section(self, ip: str) -> int | None:
+        """The index of the network's DHCP-serving ``<ip>`` that covers ``ip``.
+
+        None when the network does not exist or serves no DHCP for that
+        address (a bridge whose DHCP the site runs itself): then the address
+        reaches the VM some other way and there is nothing to do here.
+        """
+        state = self._dhcp_state()
+        addr = ipaddress.ip_address(ip)
+        for index, network in state.sections:
+            if addr in network:
+                return index
+        return None
+
+    def _dhcp_update(self, command: int, index: int, xml: str) -> None:
+        net = self._dhcp_state().net
+        flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+        with libvirt_errors(f"update the DHCP hosts of network {self.network}"):
+            if net.isActive():
+                flags |= libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE
+            net.update(command, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, index, xml, flags)
+
+    def _dhcp_add(self, name: str, mac: str, ip: str) -> None:
+        index = self._dhcp_section(ip)
+        if index is None:
+            return
+        hosts = self._dhcp_state().hosts
+        if (mac, ip) in hosts:
+            return
+        # A stale entry for this MAC or address (a VM long gone) would make
+        # libvirt refuse the new one: replace it.
+        for old in [h for h in hosts if h[0] == mac or h[1] == ip]:
+            self._dhcp_update(libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE, index,
+                              _dhcp_host_xml(*old))
+            hosts.discard(old)
+        self._dhcp_update(libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, index,
+                          _dhcp_host_xml(mac, ip, name))
+        hosts.add((mac, ip))
+
+    def _dhcp_remove(self, mac: str, ip: str) -> None:
+        index = self._dhcp_section(ip)
+        hosts = self._dhcp_state().hosts
+        if index is None or (mac, ip) not in hosts:
+            return
+        self._dhcp_update(libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE, index,
+                          _dhcp_host_xml(mac, ip))
+        hosts.discard((mac, ip))
+
+    def _dhcp_sync(self) -> None:
+        """Give every usher domain that has an address its DHCP entry (after a restart)."""
+        self._dhcp = None
+        if self._dhcp_state().net is None:
+            return
+        with libvirt_errors("list domains"):
+            domains = self._connection().listAllDomains()
+        for dom in domains:
+            with libvirt_errors("read domain"):
+                facts = parse_domain_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            if facts.ip is not None and facts.mac is not None and facts.owner is not None:
+                self._dhcp_add(facts.name, facts.mac, facts.ip)
 
     # -- helpers ---------------------------------------------------------------
 
@@ -525,3 +627,23 @@ class LibvirtDriver(HypervisorDriver):
             return
         with libvirt_errors(f"save fake host {self._fake_host.path}"):
             self._fake_host.save(self._conn, changed=changed)
+
+
+def _dhcp_host_xml(mac: str | None, ip: str | None, name: str | None = None) -> str:
+    host = ET.Element("host")
+    if mac:
+        host.set("mac", mac)
+    if name:
+        host.set("name", name.split(".")[0])
+    if ip:
+        host.set("ip", ip)
+    return ET.tostring(host, encoding="unicode")
+
+
+@dataclass(slots=True)
+class _Dhcp:
+    """A network's DHCP-serving sections (index, subnet) and its host entries."""
+
+    net: Any  # virNetwork, or None: the network does not exist
+    sections: list[tuple[int, ipaddress.IPv4Network | ipaddress.IPv6Network]]
+    hosts: set[tuple[str | None, str | None]]
