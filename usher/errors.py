@@ -32,7 +32,8 @@ and the network are translated into these at the boundary where they occur.
     │   └── TimedOut (timeout)
     ├── HypervisorError (hypervisor, 7)
     │   ├── DomainNotFound (domain_not_found)
-    │   └── DomainExists (domain_exists)
+    │   ├── DomainExists (domain_exists)
+    │   └── ImageError (image)
     ├── DirectoryError (directory, 8)
     ├── DnsError (dns, 11)
     │   └── DnsUnavailable (dns_unavailable)
@@ -274,6 +275,12 @@ class DomainExists(HypervisorError):
     """The hypervisor has another domain of that name."""
 
     code = "domain_exists"
+
+
+class ImageError(HypervisorError):
+    """An image could not be fetched, failed its checksum, or is not what it claims."""
+
+    code = "image"
 
 
 class DirectoryError(UsherError):
