@@ -89,7 +89,8 @@ class ControllerConfig:
                                  "(BIND refuses larger record sets by default)")
     plugins: list[str] = _f(["audit", "kwargfil"], "plugins to load, by name")
     kwargfil: dict[str, dict[str, list[str]]] = _f(
-        {"start": {"accept": ["ram", "vcpus", "vmm", "ip_range", "ip", "rr"]}},
+        {"start": {"accept": ["ram", "vcpus", "vmm", "ip_range", "ip", "rr", "image", "kernel",
+                              "initrd", "kernel_parms", "fs_uri"]}},
         "kwargfil: per event, the options accepted (or dropped) for everyone but site admins")
     plugin_dirs: list[str] = _f([], "directories with site plugin files (*.py)")
     plugin_timeout_s: float = _f(5.0, "each plugin call must finish within this")
@@ -120,6 +121,9 @@ class LnmConfig:
                            "made in the host file (empty: none)")
     fake_memory_mib: int = _f(16384, "fake host: memory")
     call_timeout_s: float = _f(60.0, "a hypervisor call that takes longer fails")
+    image_dir: str = _f("/var/lib/usher/images", "this host's image store: base images "
+                        "and a disk overlay per VM (must be readable by the qemu user)")
+    image_fetch_timeout_s: float = _f(600.0, "fetching one image that takes longer fails")
     backoff_initial_s: float = _f(0.2, "first reconnect delay")
     backoff_max_s: float = _f(30.0, "longest reconnect delay")
 

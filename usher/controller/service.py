@@ -579,8 +579,12 @@ class VmService:
                 if task.created_vm and self.ctx.dns is not None else None
             try:
                 failpoints.hit("start.dispatch")
+                spec = self._spec(vm, task)
+                # Fetching a new image may take the node manager longer than a
+                # plain node call: such a define may use the task's whole time.
                 dom: DomainMsg = await nodes.call(
-                    host or "", "node.define", DefineArgs(spec=self._spec(vm, task)))
+                    host or "", "node.define", DefineArgs(spec=spec),
+                    timeout=max(1.0, task.deadline - _now()) if spec.boot else None)
                 failpoints.hit("start.node_done")
                 if records is not None:
                     await records

@@ -16,24 +16,36 @@ the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import ipaddress
 import logging
 import os
 import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from usher.config import LnmConfig
-from usher.errors import AuthenticationFailed, PermissionDenied, TimedOut, UsherError
+from usher.errors import (
+    AuthenticationFailed,
+    DomainNotFound,
+    PermissionDenied,
+    TimedOut,
+    UsherError,
+)
 from usher.lnm.drivers.base import DomainEvent, DomainInfo, DomainSpec, HypervisorDriver
+from usher.lnm.images import Artifact, ImageStore
 from usher.protocol import frames, tls
 from usher.protocol.backoff import Backoff
 from usher.protocol.connection import Connection, dial
 from usher.protocol.frames import Hello
 from usher.protocol.ops import (
     ActionArgs,
+    ArtifactMsg,
+    BootMsg,
     DefineArgs,
     DomainEventMsg,
     DomainMsg,
@@ -56,6 +68,37 @@ def domain_msg(d: DomainInfo) -> DomainMsg:
                      vcpus=d.vcpus, owner=d.owner, task_id=d.task_id, mac=d.mac)
 
 
+@dataclass(frozen=True, slots=True)
+class Boot:
+    """A VM's boot artifacts as local files (see :meth:`NodeAgent._fetch_boot`)."""
+
+    disk: str | None
+    kernel: str | None
+    initrd: str | None
+    console_log: str | None
+
+
+def _artifact(msg: ArtifactMsg) -> Artifact:
+    return Artifact(url=msg.url, sha256=msg.sha256, format=msg.format)
+
+
+def address_parameters(name: str, ip: str, prefix: int | None, gateway: str | None) -> str:
+    """The VM's address on a kernel command line, for guests booted directly.
+
+    ``ip=`` is the kernel's own (``CONFIG_IP_PNP``, IPv4 only); ``usher.ip``,
+    ``usher.gw`` and ``usher.hostname`` are for an initramfs that configures
+    the network itself (the tiny test guest does).
+    """
+    short = name.split(".", 1)[0]
+    addr = ipaddress.ip_interface(f"{ip}/{prefix if prefix is not None else 32}")
+    words = [f"usher.ip={addr.with_prefixlen}", f"usher.hostname={short}"]
+    if gateway:
+        words.append(f"usher.gw={gateway}")
+    if addr.version == 4:
+        words.append(f"ip={addr.ip}::{gateway or ''}:{addr.netmask}:{short}::off")
+    return " ".join(words)
+
+
 class NodeAgent:
     """Connects one host to the controller; ``await run(stop)`` until ``stop`` is set."""
 
@@ -72,6 +115,8 @@ class NodeAgent:
         self._queued = 0  # node calls handed to the hypervisor thread, not finished
         self._flushes = 0  # driver flushes done
         self._flushed = asyncio.Event()  # set (and replaced) after each flush
+        self._images: ImageStore | None = None  # made at the first VM with a disk or kernel
+        self._image_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="usher-img")
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -182,7 +227,56 @@ class NodeAgent:
 
     # ============================================================== serving
     async def _handle(self, conn: Connection, op: Op, args: Any, rid: str) -> Any:
-        return await self._durably(self._work(op, args))
+        boot: Boot | None = None
+        if op.name == "node.define" and args.spec.boot is not None:
+            # Downloads run in their own threads: a slow fetch must not hold
+            # up every other call on this host's hypervisor thread.
+            boot = await self._fetch_boot(args.spec.uuid, args.spec.boot)
+        try:
+            return await self._durably(self._work(op, args, boot))
+        except BaseException:
+            if boot is not None and boot.disk is not None:
+                await self._call(self._drop_unused_overlay, args.spec.uuid)
+            raise
+
+    # ================================================================ images
+    @property
+    def images(self) -> ImageStore:
+        if self._images is None:
+            self._images = ImageStore(Path(self.config.image_dir),
+                                      fetch_timeout_s=self.config.image_fetch_timeout_s)
+        return self._images
+
+    async def _fetch_boot(self, uuid: str, boot: BootMsg) -> Boot:
+        """Local paths for a VM's boot artifacts (fetched, checked) and its overlay."""
+        loop = asyncio.get_running_loop()
+
+        def fetch() -> Boot:
+            store = self.images
+            # Every base first, the overlay last: a bad kernel leaves no disk.
+            base = store.base(_artifact(boot.disk)) if boot.disk else None
+            kernel = str(store.base(_artifact(boot.kernel))) if boot.kernel else None
+            initrd = str(store.base(_artifact(boot.initrd))) if boot.initrd else None
+            disk = None
+            if base is not None and boot.disk is not None:
+                disk = str(store.overlay(uuid, base, boot.disk.format))
+            return Boot(disk=disk, kernel=kernel, initrd=initrd,
+                        console_log=str(store.vm_dir / f"{uuid}.console.log"))
+
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self._image_pool, fetch),
+                                          self.config.image_fetch_timeout_s + 30)
+        except TimeoutError:
+            raise TimedOut(f"fetching the images of {uuid} took longer than "
+                           f"{self.config.image_fetch_timeout_s:g} s") from None
+
+    def _drop_unused_overlay(self, uuid: str) -> None:
+        # A define that failed leaves no disk behind, unless the domain exists
+        # after all (a retry of a define that had worked).
+        try:
+            self.driver.get_domain(uuid)
+        except DomainNotFound:
+            self.images.remove_overlay(uuid)
 
     async def _durably(self, work: Callable[[], T]) -> T:
         """Run ``work`` in the hypervisor thread and return once its effect is durable.
@@ -223,7 +317,7 @@ class NodeAgent:
         self._flushed.set()
         self._flushed = asyncio.Event()
 
-    def _work(self, op: Op, args: Any) -> Callable[[], Any]:
+    def _work(self, op: Op, args: Any, boot: Boot | None = None) -> Callable[[], Any]:
         """The driver calls that serve ``op``, as one function for the worker thread."""
         d = self.driver
         if op.name == "node.define":
@@ -232,6 +326,14 @@ class NodeAgent:
             spec = DomainSpec(uuid=s.uuid, name=s.name, memory_mib=s.memory_mib,
                               vcpus=s.vcpus, mac=s.mac, owner=s.owner, task_id=s.task_id,
                               ip=s.ip, ip_prefix=s.ip_prefix, gateway=s.gateway)
+            if boot is not None and s.boot is not None:
+                cmdline = s.boot.cmdline
+                if boot.kernel is not None and s.ip is not None:
+                    cmdline = " ".join(filter(None, [cmdline, address_parameters(
+                        s.name, s.ip, s.ip_prefix, s.gateway)]))
+                spec = dataclasses.replace(spec, disk=boot.disk, kernel=boot.kernel,
+                                           initrd=boot.initrd, cmdline=cmdline,
+                                           console_log=boot.console_log)
 
             def define() -> DomainMsg:
                 info = d.define(spec)
@@ -250,6 +352,8 @@ class NodeAgent:
 
             def undefine() -> Empty:
                 d.undefine(uuid)
+                if self._images is not None or Path(self.config.image_dir).exists():
+                    self.images.remove_overlay(uuid)  # the VM's disk; never a base
                 return Empty()
             return undefine
         if op.name == "node.inventory":

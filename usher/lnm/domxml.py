@@ -75,14 +75,33 @@ def build_domain_xml(spec: DomainSpec, domain_type: str, *, network: str = "defa
     _text(root, "vcpu", str(spec.vcpus))
     os_el = ET.SubElement(root, "os")
     _text(os_el, "type", "hvm")
+    if spec.kernel is not None:
+        _text(os_el, "kernel", spec.kernel)
+        if spec.initrd is not None:
+            _text(os_el, "initrd", spec.initrd)
+        _text(os_el, "cmdline", spec.cmdline)
+    elif spec.disk is not None:
+        ET.SubElement(os_el, "boot", dev="hd")
+    # ACPI lets the guest hear the power button: shutdown is ACPI.
+    features = ET.SubElement(root, "features")
+    ET.SubElement(features, "acpi")
+    ET.SubElement(features, "apic")
     # Power-off and crash end the domain so usher sees and decides; a guest
     # reboot stays inside the hypervisor.
     _text(root, "on_poweroff", "destroy")
     _text(root, "on_reboot", "restart")
     _text(root, "on_crash", "destroy")
     devices = ET.SubElement(root, "devices")
+    if spec.disk is not None:
+        disk = ET.SubElement(devices, "disk", type="file", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type="qcow2")
+        ET.SubElement(disk, "source", file=spec.disk)
+        ET.SubElement(disk, "target", dev="vda", bus="virtio")
     devices.append(_interface(spec, network))
     serial = ET.SubElement(devices, "serial", type="pty")
+    if spec.console_log is not None:
+        # virtlogd keeps what the guest prints, for 'console --tail'.
+        ET.SubElement(serial, "log", file=spec.console_log, append="on")
     ET.SubElement(serial, "target", port="0")
     console = ET.SubElement(devices, "console", type="pty")
     ET.SubElement(console, "target", type="serial", port="0")

@@ -39,6 +39,40 @@ class StartOptions(_S):
     ip_range: str | None = None  # take the address from this IP range (else the default)
     ip: str | None = None  # this address of the range (else the lowest free one)
     rr: bool = False  # also a member of the round-robin name of the VM's cluster
+    image: str | None = None  # a registered image: its disk (an overlay on it), kernel, initrd
+    kernel: str | None = None  # boot the kernel (and initrd) of this registered image
+    initrd: str | None = None  # with the initrd of this registered image
+    kernel_parms: str | None = None  # appended to the kernel command line
+    fs_uri: str | None = None  # nfs://SERVER/EXPORT as the root file system (kernel boot);
+    # site admins may give a disk URL with #sha256=HEX[&format=qcow2|raw] instead
+
+
+class ArtifactMsg(_S):
+    """A file a node manager fetches into its image store (see usher.lnm.images)."""
+
+    url: str
+    sha256: str
+    format: str = "raw"  # qcow2 or raw (disks); raw for kernels and initrds
+
+
+class BootMsg(_S):
+    """What a VM boots from: a disk (an overlay is made on it) and/or a kernel."""
+
+    disk: ArtifactMsg | None = None
+    kernel: ArtifactMsg | None = None
+    initrd: ArtifactMsg | None = None
+    cmdline: str = ""  # kernel command line (the node manager adds the VM's address)
+
+
+class ImageInfo(_S):
+    """A registered image, as users see it (``image.list``)."""
+
+    name: str
+    disk_format: str | None = None  # None: no disk (kernel boot only)
+    kernel: bool = False  # has a kernel for direct boot
+    initrd: bool = False
+    cmdline: str = ""
+    description: str = ""
 
 
 class TaskInfo(_S):
@@ -158,6 +192,7 @@ class DomainSpecMsg(_S):
     ip: str | None = None  # the VM's leased address, which the node manager hands it
     ip_prefix: int | None = None  # prefix length of its range
     gateway: str | None = None
+    boot: BootMsg | None = None  # None: no disk, no kernel (a fake host's VM)
 
 
 class DomainMsg(_S):
@@ -284,6 +319,8 @@ OPS: dict[str, Op] = {
            doc="Place VMs on a disabled host again (site admin)."),
         Op("host.remove", "client", HostArgs, HostInfo, mutation=True, admin_only=True,
            doc="Forget an empty host (site admin)."),
+        Op("image.list", "client", Empty, list[ImageInfo],
+           doc="The registered images users may start VMs from (`start --image`)."),
         Op("task.list", "client", TaskListArgs, list[TaskInfo],
            doc="The caller's recent and running tasks, newest first."),
         Op("task.wait", "client", TaskWaitArgs, TaskInfo, timeout="wait",

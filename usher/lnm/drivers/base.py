@@ -65,6 +65,11 @@ class DomainSpec:
     ip: str | None = None   # leased address: a DHCP host entry / kernel command line
     ip_prefix: int | None = None
     gateway: str | None = None
+    disk: str | None = None         # the VM's disk: a qcow2 overlay in the host's image store
+    kernel: str | None = None       # direct kernel boot: local paths, from the image store
+    initrd: str | None = None
+    cmdline: str = ""               # the kernel command line as it goes to the guest
+    console_log: str | None = None  # the serial console's output is also kept here
 
 
 @dataclass(frozen=True, slots=True)
