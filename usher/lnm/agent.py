@@ -32,6 +32,7 @@ from usher.config import LnmConfig
 from usher.errors import (
     AuthenticationFailed,
     DomainNotFound,
+    InvalidOption,
     PermissionDenied,
     TimedOut,
     UsherError,
@@ -43,9 +44,12 @@ from usher.protocol.backoff import Backoff
 from usher.protocol.connection import Connection, dial
 from usher.protocol.frames import Hello
 from usher.protocol.ops import (
+    MAX_CONSOLE_LINES,
     ActionArgs,
     ArtifactMsg,
     BootMsg,
+    ConsoleArgs,
+    ConsoleText,
     DefineArgs,
     DomainEventMsg,
     DomainMsg,
@@ -61,6 +65,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SOFTWARE = "usher-lnm/0.1"
+CONSOLE_READ_BYTES = 1 << 20
 
 
 def domain_msg(d: DomainInfo) -> DomainMsg:
@@ -356,9 +361,35 @@ class NodeAgent:
                     self.images.remove_overlay(uuid)  # the VM's disk; never a base
                 return Empty()
             return undefine
+        if op.name == "node.console":
+            assert isinstance(args, ConsoleArgs)
+            console = args
+            return lambda: self._console_tail(console.uuid, console.lines)
         if op.name == "node.inventory":
             return lambda: Inventory(domains=[domain_msg(x) for x in d.list_domains()])
         raise PermissionDenied(f"operation {op.name} is not served by a node")
+
+    def _console_tail(self, uuid: str, lines: int) -> ConsoleText:
+        """The last ``lines`` lines of the domain's console log (reads at most 1 MiB).
+
+        Raises:
+            DomainNotFound: no such domain.
+            InvalidOption: ``lines`` out of range.
+        """
+        if not 1 <= lines <= MAX_CONSOLE_LINES:
+            raise InvalidOption(f"--tail takes 1 to {MAX_CONSOLE_LINES} lines, not {lines}")
+        self.driver.get_domain(uuid)  # DomainNotFound for a VM that is not here
+        path = Path(self.config.image_dir) / "vms" / f"{uuid}.console.log"
+        try:
+            with path.open("rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, size - CONSOLE_READ_BYTES))
+                data = fh.read(CONSOLE_READ_BYTES)
+        except FileNotFoundError:
+            return ConsoleText(text="", lines=0)  # it has printed nothing yet
+        text = data.decode("utf-8", errors="replace").replace("\r\n", "\n")
+        tail = text.splitlines()[-lines:]
+        return ConsoleText(text="\n".join(tail) + ("\n" if tail else ""), lines=len(tail))
 
     def _action(self, args: ActionArgs) -> DomainInfo:
         d, uuid = self.driver, args.uuid

@@ -242,6 +242,24 @@ class UuidArgs(_S):
     uuid: str
 
 
+MAX_CONSOLE_LINES = 1000
+
+
+class ConsoleArgs(_S):
+    uuid: str
+    lines: int = 50  # the last this many lines (1 to MAX_CONSOLE_LINES)
+
+
+class VmConsoleArgs(_S):
+    name: str  # one VM, relative to the caller's domain or an FQDN
+    lines: int = 50
+
+
+class ConsoleText(_S):
+    text: str  # what the serial console printed last, decoded as UTF-8 (bad bytes replaced)
+    lines: int  # how many lines ``text`` holds
+
+
 class Inventory(_S):
     domains: list[DomainMsg]
 
@@ -319,6 +337,8 @@ OPS: dict[str, Op] = {
            doc="Place VMs on a disabled host again (site admin)."),
         Op("host.remove", "client", HostArgs, HostInfo, mutation=True, admin_only=True,
            doc="Forget an empty host (site admin)."),
+        Op("vm.console", "client", VmConsoleArgs, ConsoleText, timeout="node",
+           doc="The last lines a VM printed on its serial console (`console NAME --tail N`)."),
         Op("image.list", "client", Empty, list[ImageInfo],
            doc="The registered images users may start VMs from (`start --image`)."),
         Op("task.list", "client", TaskListArgs, list[TaskInfo],
@@ -337,6 +357,8 @@ OPS: dict[str, Op] = {
            doc="Run a lifecycle action on a domain; a repeat is harmless."),
         Op("node.undefine", "controller", UuidArgs, Empty, timeout="node",
            doc="Power off and undefine a domain; a missing domain succeeds."),
+        Op("node.console", "controller", ConsoleArgs, ConsoleText, timeout="node",
+           doc="The last lines a domain printed on its serial console (its console log)."),
         Op("node.inventory", "controller", Empty, Inventory, timeout="node",
            doc="Every domain on the host, usher's or not."),
     ]

@@ -93,3 +93,25 @@ async def test_a_bad_image_leaves_no_domain_and_no_disk(agent: NodeAgent, files:
 def test_address_parameters() -> None:
     assert address_parameters("web1.seuss.usher.test", "fd00::5", 64, None) == \
         "usher.ip=fd00::5/64 usher.hostname=web1"
+
+
+async def test_console_tail_reads_the_console_log(agent: NodeAgent, files: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    from usher.errors import DomainNotFound, InvalidOption
+    from usher.protocol.ops import ConsoleArgs
+
+    async def tail(lines: int, uuid: str = UUID) -> str:
+        reply = await agent._handle(None, OPS["node.console"],  # type: ignore[arg-type]
+                                    ConsoleArgs(uuid=uuid, lines=lines), "r")
+        return reply.text  # type: ignore[no-any-return]
+
+    await agent._handle(None, OPS["node.define"], DefineArgs(spec=spec(files), start=False),
+                        "r1")  # type: ignore[arg-type]
+    assert await tail(5) == ""  # printed nothing yet
+    log = tmp_path / "images" / "vms" / f"{UUID}.console.log"
+    log.write_bytes(b"".join(b"line %d\r\n" % i for i in range(100)) + b"bad \xff byte\r\n")
+    assert await tail(3) == "line 98\nline 99\nbad \ufffd byte\n"
+    with pytest.raises(InvalidOption, match="1 to 1000"):
+        await tail(0)
+    with pytest.raises(DomainNotFound):
+        await tail(3, uuid="11111111-2222-4333-8444-555555555555")
