@@ -144,6 +144,11 @@ def _interface(spec: DomainSpec, network: str) -> ET.Element:
     ET.SubElement(iface, "mac", address=spec.mac)
     ET.SubElement(iface, "source", network=network)
     ET.SubElement(iface, "model", type="virtio")
+    if spec.ip is not None:
+        # libvirt's clean-traffic filter pins the guest to its MAC and leased
+        # address: it cannot spoof another guest's.
+        ref = ET.SubElement(iface, "filterref", filter="clean-traffic")
+        ET.SubElement(ref, "parameter", name="IP", value=spec.ip)
     return iface
 
 

@@ -64,6 +64,9 @@ def test_address_goes_into_metadata_and_the_interface_joins_the_network() -> Non
     assert '<usher:ip prefix="16" gateway="10.87.0.1">10.87.0.5</usher:ip>' in xml
     assert "<source network=\"usher\" />" in xml
     assert parse_domain_xml(xml).ip == "10.87.0.5"
+    # clean-traffic pins the guest to its MAC and address (no spoofing).
+    assert ('<filterref filter="clean-traffic">\n        <parameter name="IP" '
+            'value="10.87.0.5" />') in xml
     assert parse_domain_xml(build_domain_xml(SPEC, "test")).ip is None
 
 
