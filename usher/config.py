@@ -115,7 +115,8 @@ class LnmConfig:
     vlans: list[int] = _f([], "VLAN ids this host's bridge carries: VMs of an IP range "
                           "with a VLAN are placed only on hosts that carry it")
     network: str = _f("default", "libvirt network the VMs' interfaces join; where it serves "
-                      "DHCP on a VM's subnet, each VM's address becomes a DHCP host entry")
+                      "DHCP on a VM's subnet, each VM's address becomes a DHCP host entry "
+                      "(empty: VMs get no network interface)")
     fake_cpus: int = _f(8, "fake host: cpus")
     fake_network: str = _f("", "fake host: CIDR of a network named by 'network' with DHCP, "
                            "made in the host file (empty: none)")

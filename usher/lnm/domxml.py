@@ -66,7 +66,7 @@ def domain_type_for_uri(uri: str) -> str:
 
 def build_domain_xml(spec: DomainSpec, domain_type: str, *, network: str = "default") -> str:
     """The domain XML that defines ``spec`` with ``<domain type=domain_type>``,
-    its interface on the libvirt network ``network``."""
+    its interface on the libvirt network ``network`` (empty: no interface)."""
     root = ET.Element("domain", type=domain_type)
     _text(root, "name", spec.name)
     _text(root, "uuid", spec.uuid)
@@ -97,7 +97,8 @@ def build_domain_xml(spec: DomainSpec, domain_type: str, *, network: str = "defa
         ET.SubElement(disk, "driver", name="qemu", type="qcow2")
         ET.SubElement(disk, "source", file=spec.disk)
         ET.SubElement(disk, "target", dev="vda", bus="virtio")
-    devices.append(_interface(spec, network))
+    if network:
+        devices.append(_interface(spec, network))
     serial = ET.SubElement(devices, "serial", type="pty")
     if spec.console_log is not None:
         # virtlogd keeps what the guest prints, for 'console --tail'.

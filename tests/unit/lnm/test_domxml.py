@@ -70,6 +70,10 @@ def test_address_goes_into_metadata_and_the_interface_joins_the_network() -> Non
     assert parse_domain_xml(build_domain_xml(SPEC, "test")).ip is None
 
 
+def test_no_network_means_no_interface() -> None:
+    assert "<interface" not in build_domain_xml(SPEC, "qemu", network="")
+
+
 def test_metadata_text_is_escaped() -> None:
     spec = DomainSpec(uuid=SPEC.uuid, name=SPEC.name, memory_mib=1, vcpus=1, mac=SPEC.mac,
                       owner="a<b>&'\"c", task_id="]]>")
