@@ -114,6 +114,8 @@ class LnmConfig:
     fake_host_file: str = _f("", "fake host: libvirt test-driver host file")
     vlans: list[int] = _f([], "VLAN ids this host's bridge carries: VMs of an IP range "
                           "with a VLAN are placed only on hosts that carry it")
+    domain_type: str = _f("auto", "libvirt domain type on qemu hosts: auto (kvm if KVM boots "
+                          "the tiny test guest here, else qemu/TCG), kvm or qemu")
     network: str = _f("default", "libvirt network the VMs' interfaces join; where it serves "
                       "DHCP on a VM's subnet, each VM's address becomes a DHCP host entry "
                       "(empty: VMs get no network interface)")

@@ -29,6 +29,8 @@ from usher.lnm.drivers import make_driver
 from usher.lnm.drivers.base import HypervisorDriver
 from usher.names import validate_domain
 
+log = logging.getLogger(__name__)
+
 
 def build_driver(cfg: LnmConfig, hostname: str) -> HypervisorDriver:
     if cfg.driver == "libvirt" and cfg.fake_host_file:
@@ -43,8 +45,42 @@ def build_driver(cfg: LnmConfig, hostname: str) -> HypervisorDriver:
         return make_driver("fake", hostname=hostname, cpus=cfg.fake_cpus,
                            memory_mib=cfg.fake_memory_mib)
     if cfg.driver == "libvirt":
-        return make_driver("libvirt", uri=cfg.uri, network=cfg.network)
+        return make_driver("libvirt", uri=cfg.uri, network=cfg.network,
+                           domain_type=domain_type_for(cfg))
     return make_driver(cfg.driver, uri=cfg.uri)
+
+
+def domain_type_for(cfg: LnmConfig) -> str | None:
+    """Policy: the libvirt domain type of this host (None: the URI's default).
+
+    ``auto`` on a qemu URI decides by probing, never by assuming: KVM is used
+    only if it really boots the tiny test guest here (see :mod:`usher.lnm.kvm`;
+    the verdict is cached, so only the first start pays seconds). If the
+    probe cannot run (no guest can be built), TCG is the safe choice.
+
+    Raises:
+        ConfigError: an unknown ``domain_type``.
+    """
+    if cfg.domain_type in ("kvm", "qemu"):
+        return cfg.domain_type
+    if cfg.domain_type != "auto":
+        raise ConfigError(f"domain_type = {cfg.domain_type!r}: use auto, kvm or qemu")
+    if not cfg.uri.startswith("qemu"):
+        return None
+    from usher.lnm.kvm import kvm_access_problem, probe_kvm
+    from usher.lnm.tinyguest import build_tiny_guest
+
+    problem = kvm_access_problem()
+    if problem is not None:
+        log.info("domain type qemu (TCG): %s", problem)
+        return "qemu"
+    try:
+        verdict = probe_kvm(build_tiny_guest())
+    except UsherError as exc:
+        log.warning("cannot probe KVM (%s); using qemu (TCG)", exc.message)
+        return "qemu"
+    log.info("domain type %s: KVM %s", "kvm" if verdict.usable else "qemu", verdict.reason)
+    return "kvm" if verdict.usable else "qemu"
 
 
 def build_parser() -> argparse.ArgumentParser:

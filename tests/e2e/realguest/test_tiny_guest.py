@@ -160,3 +160,14 @@ def test_libvirt_system_guest_boots_and_powers_off_on_acpi(
                 dom.destroy()
         finally:
             dom.undefine()
+
+
+def test_auto_domain_type_probes_and_picks_tcg_where_kvm_fails() -> None:
+    from usher.config import LnmConfig
+    from usher.lnm.cli import domain_type_for
+    from usher.lnm.kvm import kvm_access_problem, probe_kvm
+    from usher.lnm.tinyguest import build_tiny_guest
+
+    chosen = domain_type_for(LnmConfig(uri="qemu:///system", domain_type="auto"))
+    usable = kvm_access_problem() is None and probe_kvm(build_tiny_guest()).usable
+    assert chosen == ("kvm" if usable else "qemu")
