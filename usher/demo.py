@@ -119,6 +119,7 @@ class Demo:
                              key=str(key), hostname=name, driver="libvirt",
                              fake_host_file=str(hdir / "host.xml"), fake_cpus=cpus,
                              fake_memory_mib=mem, backoff_max_s=5.0,
+                             image_dir=str(hdir / "images"),
                              network="usher" if self.addresses else "default",
                              fake_network=DEMO_RANGE if self.addresses else "")
             (hdir / "lnm.toml").write_text(to_toml(lcfg))

@@ -18,7 +18,8 @@ and the network are translated into these at the boundary where they occur.
     │   ├── TaskNotFound (task_not_found)
     │   ├── UserNotFound (user_not_found)
     │   ├── ClusterNotFound (cluster_not_found)
-    │   └── GroupNotFound (group_not_found)
+    │   ├── GroupNotFound (group_not_found)
+    │   └── ImageNotFound (image_not_found)
     ├── Conflict (conflict, 4)
     │   ├── InvalidState (invalid_state)
     │   └── AlreadyExists (already_exists)
@@ -33,7 +34,8 @@ and the network are translated into these at the boundary where they occur.
     ├── HypervisorError (hypervisor, 7)
     │   ├── DomainNotFound (domain_not_found)
     │   ├── DomainExists (domain_exists)
-    │   └── ImageError (image)
+    │   ├── ImageError (image)
+    │   └── MigrationUnsupported (migration_unsupported)
     ├── DirectoryError (directory, 8)
     ├── DnsError (dns, 11)
     │   └── DnsUnavailable (dns_unavailable)
@@ -189,6 +191,12 @@ class GroupNotFound(NotFound):
     code = "group_not_found"
 
 
+class ImageNotFound(NotFound):
+    """No registered image of that name."""
+
+    code = "image_not_found"
+
+
 class Conflict(UsherError):
     """The request clashes with the current state."""
 
@@ -281,6 +289,12 @@ class ImageError(HypervisorError):
     """An image could not be fetched, failed its checksum, or is not what it claims."""
 
     code = "image"
+
+
+class MigrationUnsupported(HypervisorError):
+    """The hypervisor cannot migrate domains live (e.g. a fake or test host)."""
+
+    code = "migration_unsupported"
 
 
 class DirectoryError(UsherError):

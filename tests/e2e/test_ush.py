@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -173,12 +175,40 @@ def test_fqdn_names_and_placement_by_free_memory(site: Site) -> None:
     ("start big --ram 100000", "out of range", 2),
     ("start {1..5000}.x", "more than 1000 names", 2),
     ("start ok1 bad_name ok2", "contains '_'", 2),
+    ("start img --image nope", "--image: no image named nope; see 'image_list'", 3),
+    ("start img --kernel_parms quiet", "--kernel_parms needs a kernel", 2),
+    ("start img --fs_uri file:///srv/d.raw#sha256=" + "a" * 64,
+     "only site admins give image URLs", 5),
 ])
 def test_bad_input_changes_nothing(site: Site, command: str, message: str,
                                    code: int | None) -> None:
     before = vms(site)
     fails(site, command, message, code)
     assert vms(site) == before
+
+
+def test_images_registered_with_the_admin_cli(site: Site, tmp_path: Path) -> None:
+    out = ok(site, "image_list")
+    assert "e2e" not in out
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"an end-to-end kernel")
+    admin = subprocess.run(
+        [sys.executable, "-m", "usher.controller.cli", "--config",
+         str(site.info["controller"]["config"]),  # type: ignore[index]
+         "image", "add", "e2e", "--kernel", kernel.as_uri(), "--description", "e2e guest"],
+        capture_output=True, text=True, timeout=30)
+    assert admin.returncode == 0, admin.stderr
+    assert site.controller is not None
+    site.controller.send_signal(signal.SIGHUP)  # read the images again
+    wait_for(lambda: "e2e" in ok(site, "image_list"), 10, "the controller to reload images")
+    [row] = [line.split() for line in ok(site, "image_list").splitlines()
+             if line.startswith("e2e ")]
+    assert row == ["e2e", "-", "yes", "-", "e2e", "guest"]
+    assert "file:" not in ok(site, "image_list --json")  # users see no URLs
+    out = ok(site, "start img1 --ram 32 --image e2e --kernel_parms 'quiet loglevel=3'")
+    assert "img1: start done (running)" in out
+    assert vms(site)["img1"]["image"] == "e2e"
+    ok(site, "destroy img1")
 
 
 def test_verb_invalid_in_state(site: Site) -> None:
@@ -239,6 +269,6 @@ def test_interactive_help_lists_every_verb(site: Site) -> None:
     out = ok(site, "help")
     for verb in ("connect", "reconnect", "quit", "start", "shutdown", "reboot", "cycle",
                  "destroy", "pause", "resume", "hibernate", "migrate", "list", "vmm_list",
-                 "tasks", "wait"):
+                 "image_list", "tasks", "wait"):
         assert verb in out, verb
     assert "start {1..8}.web" in ok(site, "help start")

@@ -139,6 +139,10 @@ class RunningController:
         await conn.close("test done")
 
     # ------------------------------------------------------------ nodes
+    def image_dir(self, hostname: str) -> Path:
+        """The image store of the node manager ``start_node`` runs for ``hostname``."""
+        return self.tmp / "images" / hostname
+
     def add_join_token(self, hostname: str, ttl_s: float = 600.0) -> str:
         """Store a join token as ``usher-controller join-token`` does; returns it."""
         token = secrets.token_urlsafe(24)
@@ -153,13 +157,18 @@ class RunningController:
 
     async def start_node(self, hostname: str, *, cpus: int = 8, memory_mib: int = 16384,
                          vlans: list[int] | None = None) -> NodeAgent:
-        """Run a node manager on the fake driver until the fixture ends."""
+        """Run a node manager on the fake driver until the fixture ends.
+
+        Its image store is ``images/HOSTNAME`` under the test's directory (the
+        fake driver ignores what a VM boots from, but the node manager still
+        fetches and checks the files).
+        """
         cert, key = self.issue_host_cert(hostname)
         config = LnmConfig(controller_host=self.host, controller_port=self.port,
                            controller_name="localhost", ca_cert=str(self.ca), cert=str(cert),
                            key=str(key), hostname=hostname, driver="fake",
                            backoff_initial_s=0.05, backoff_max_s=0.2, call_timeout_s=WAIT_S,
-                           vlans=vlans or [])
+                           vlans=vlans or [], image_dir=str(self.image_dir(hostname)))
         driver = make_driver("fake", hostname=hostname, cpus=cpus, memory_mib=memory_mib)
         agent = NodeAgent(config, driver)
         stop = asyncio.Event()

@@ -18,7 +18,7 @@ Errors are :class:`usher.errors.UsherError` subclasses only.
 from usher.client.async_client import TERMINAL_STATES, AsyncClient, ConnectionState, task_ended
 from usher.client.sync_client import Client
 from usher.protocol.backoff import Backoff
-from usher.protocol.ops import HostInfo, TaskInfo, VmInfo, VmStateMsg, WhoAmI
+from usher.protocol.ops import HostInfo, ImageInfo, TaskInfo, VmInfo, VmStateMsg, WhoAmI
 
 __all__ = [
     "TERMINAL_STATES",
@@ -27,6 +27,7 @@ __all__ = [
     "Client",
     "ConnectionState",
     "HostInfo",
+    "ImageInfo",
     "TaskInfo",
     "VmInfo",
     "VmStateMsg",

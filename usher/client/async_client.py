@@ -58,6 +58,7 @@ from usher.protocol.ops import (
     Empty,
     HostArgs,
     HostInfo,
+    ImageInfo,
     ListArgs,
     MigrateArgs,
     StartArgs,
@@ -554,17 +555,27 @@ class AsyncClient:
     async def start(self, names: Sequence[str], *, ram: int | None = None,
                     vcpus: int | None = None, vmm: str | None = None,
                     ip_range: str | None = None, ip: str | None = None, rr: bool = False,
+                    image: str | None = None, kernel: str | None = None,
+                    initrd: str | None = None, kernel_parms: str | None = None,
+                    fs_uri: str | None = None,
                     request_id: str | None = None) -> list[TaskInfo]:
         """Start VMs, creating those that do not exist (``ram`` MiB, ``vcpus``, on ``vmm``,
         with an address of IP range ``ip_range`` (else the site's default), ``ip`` if given;
         ``rr``: new VMs also join the round-robin DNS name of their cluster).
 
+        New VMs boot from registered images (:meth:`list_images`): the disk
+        (and kernel) of ``image``, the kernel of ``kernel``, the initrd of
+        ``initrd``, with ``kernel_parms`` added to the kernel command line;
+        ``fs_uri`` is an NFS root for the kernel (``nfs://SERVER/PATH``) or,
+        for site admins, a disk URL with ``#sha256=HEX``.
+
         Names go to the controller as typed (relative, FQDN or a brace batch);
         it expands and validates them as a whole. Returns one task per VM.
         """
-        args = StartArgs(names=list(names), options=StartOptions(ram=ram, vcpus=vcpus, vmm=vmm,
-                                                                ip_range=ip_range, ip=ip,
-                                                                rr=rr))
+        options = StartOptions(ram=ram, vcpus=vcpus, vmm=vmm, ip_range=ip_range, ip=ip, rr=rr,
+                               image=image, kernel=kernel, initrd=initrd,
+                               kernel_parms=kernel_parms, fs_uri=fs_uri)
+        args = StartArgs(names=list(names), options=options)
         return self._accepted(await self._call("vm.start", args, request_id=request_id))
 
     async def _vm_op(self, op: str, names: Sequence[str], request_id: str | None,
@@ -644,6 +655,11 @@ class AsyncClient:
         result: list[HostInfo] = await self._call("host.list", Empty())
         return result
 
+    async def list_images(self) -> list[ImageInfo]:
+        """The registered images new VMs may start from (names, formats, descriptions)."""
+        result: list[ImageInfo] = await self._call("image.list", Empty())
+        return result
+
     async def tasks(self, ids: Iterable[str] = (), *, limit: int = 50,
                     active_only: bool = False) -> list[TaskInfo]:
         """The caller's recent tasks (or those with ``ids``), newest first."""
@@ -657,8 +673,9 @@ class AsyncClient:
         self._whoami = result
         return result
 
-    async def complete(self, kind: Literal["vm", "host"], prefix: str = "") -> list[str]:
-        """Names for tab completion: the caller's VMs or the hosts.
+    async def complete(self, kind: Literal["vm", "host", "image"],
+                       prefix: str = "") -> list[str]:
+        """Names for tab completion: the caller's VMs, the hosts or the images.
 
         Never waits for a reconnect: raises :class:`NotConnected` at once when
         there is no live connection, so completion does not hang.

@@ -27,7 +27,7 @@ from usher.client.async_client import (
     VmCallback,
 )
 from usher.errors import NotConnected, TimedOut
-from usher.protocol.ops import HostInfo, TaskInfo, VmInfo, WhoAmI
+from usher.protocol.ops import HostInfo, ImageInfo, TaskInfo, VmInfo, WhoAmI
 
 __all__ = ["Client"]
 
@@ -167,9 +167,13 @@ class Client:
     # ------------------------------------------------------------ mutations
     def start(self, names: Sequence[str], *, ram: int | None = None, vcpus: int | None = None,
               vmm: str | None = None, ip_range: str | None = None, ip: str | None = None,
-              rr: bool = False, request_id: str | None = None) -> list[TaskInfo]:
+              rr: bool = False, image: str | None = None, kernel: str | None = None,
+              initrd: str | None = None, kernel_parms: str | None = None,
+              fs_uri: str | None = None, request_id: str | None = None) -> list[TaskInfo]:
         return self._run(self._aio.start(names, ram=ram, vcpus=vcpus, vmm=vmm,
-                                         ip_range=ip_range, ip=ip, rr=rr,
+                                         ip_range=ip_range, ip=ip, rr=rr, image=image,
+                                         kernel=kernel, initrd=initrd,
+                                         kernel_parms=kernel_parms, fs_uri=fs_uri,
                                          request_id=request_id))
 
     def shutdown(self, names: Sequence[str], *, request_id: str | None = None) -> list[TaskInfo]:
@@ -215,6 +219,9 @@ class Client:
     def list_hosts(self) -> list[HostInfo]:
         return self._run(self._aio.list_hosts())
 
+    def list_images(self) -> list[ImageInfo]:
+        return self._run(self._aio.list_images())
+
     def tasks(self, ids: Iterable[str] = (), *, limit: int = 50,
               active_only: bool = False) -> list[TaskInfo]:
         return self._run(self._aio.tasks(ids, limit=limit, active_only=active_only))
@@ -228,7 +235,7 @@ class Client:
     def whoami(self) -> WhoAmI:
         return self._run(self._aio.whoami())
 
-    def complete(self, kind: Literal["vm", "host"], prefix: str = "", *,
+    def complete(self, kind: Literal["vm", "host", "image"], prefix: str = "", *,
                  timeout: float | None = None) -> list[str]:
         """Names for tab completion; ``timeout`` bounds the wait (TimedOut)."""
         return self._run(self._aio.complete(kind, prefix), timeout)

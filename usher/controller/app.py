@@ -26,8 +26,9 @@ from usher.controller.context import Context, NodeLinks, Sessions
 from usher.controller.dns import DnsProvider
 from usher.controller.events import EventBus, load_plugins
 from usher.controller.hosts import HostService
+from usher.controller.images import decode_boot
 from usher.controller.ipam import IpamProvider
-from usher.controller.models import Host, IpRange, Task, Vm
+from usher.controller.models import Host, Image, IpRange, Task, Vm
 from usher.controller.providers import PlacementProvider, ProviderChain
 from usher.controller.server import ControllerServer
 from usher.controller.service import VmService
@@ -139,6 +140,7 @@ class Controller:
     def _load(self, session: Session) -> None:
         reg = self.ctx.reg
         self.ipam.load(session)
+        self.ctx.images.load(session)
         for h in session.scalars(select(Host)):
             reg.hosts[h.name] = HostRec(
                 name=h.name, state=h.state, disabled=h.disabled, hypervisor=h.hypervisor,
@@ -148,7 +150,8 @@ class Controller:
             reg.add_vm(VmRec(uuid=v.uuid, name=v.name, cluster=v.cluster, owner=v.owner,
                              host=v.host, state=v.state, memory_mib=v.memory_mib,
                              vcpus=v.vcpus, mac=v.mac, ip=v.ip, since=v.since,
-                             started=v.started, reason=v.reason, rr=v.rr))
+                             started=v.started, reason=v.reason, rr=v.rr,
+                             boot=decode_boot(v.boot, v.name)))
         for rec in reg.vms.values():
             rec.vlan = self.ipam.vlan_of(rec.uuid)
         open_tasks = session.scalars(select(Task).where(Task.state == "running")).all()
@@ -203,11 +206,31 @@ class Controller:
         provider.load(self.ctx.reg.vms.values())
         return provider
 
+    async def reload(self) -> None:
+        """Read what the admin commands edit again: IP ranges and images (SIGHUP).
+
+        A failure (the database unavailable) is logged; what was loaded stays.
+        """
+        try:
+            await self.reload_ranges()
+            await self.reload_images()
+        except Exception:
+            log.exception("reload failed; the ranges and images in use stay as they were")
+
     async def reload_ranges(self) -> None:
         """Read the IP ranges again (SIGHUP, after ``usher-controller range``)."""
         rows = await self.ctx.db.run(lambda s: list(s.scalars(select(IpRange))))
         self.ipam.set_ranges(rows)  # on the loop: atomic with reservations
         log.info("IP ranges reloaded: %s", ", ".join(sorted(self.ipam.ranges)) or "none")
+
+    async def reload_images(self) -> None:
+        """Read the images again (SIGHUP, after ``usher-controller image``).
+
+        VMs keep the boot they were made with; only new starts see the change.
+        """
+        rows = await self.ctx.db.run(lambda s: list(s.scalars(select(Image))))
+        self.ctx.images.set_images(rows)
+        log.info("images reloaded: %s", ", ".join(sorted(self.ctx.images.images)) or "none")
 
     async def _sweep_deadlines(self) -> None:
         """End tasks whose deadline passed while no runner was working on them."""

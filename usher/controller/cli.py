@@ -9,6 +9,11 @@
                                            [--default] [--allow USER ...]
                                            [--allow-group GROUP ...]
     usher-controller [--config PATH] range list | del NAME
+    usher-controller [--config PATH] image add NAME [--disk URL --format qcow2|raw]
+                                           [--kernel URL] [--initrd URL] [--cmdline TEXT]
+                                           [--description TEXT] [--disk-sha256 HEX]
+                                           [--kernel-sha256 HEX] [--initrd-sha256 HEX]
+    usher-controller [--config PATH] image list [-l] | del NAME
     usher-controller [--config PATH] join-token HOSTNAME
     usher-controller [--config PATH] [serve]
 
@@ -33,7 +38,7 @@ from pathlib import Path
 
 from usher import failpoints, sdnotify
 from usher.config import DEFAULT_CONTROLLER_CONFIG, ControllerConfig, load_toml, to_toml
-from usher.controller import auth, ipam
+from usher.controller import auth, images, ipam
 from usher.controller import db as dbmod
 from usher.controller.models import JoinToken
 from usher.errors import ConfigError, InvalidRequest, UsherError
@@ -172,6 +177,49 @@ def cmd_range(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.image_cmd == "add":
+        # Checked (and file URLs hashed) before the database is opened: hashing
+        # a large disk takes a while and needs no transaction.
+        row = images.make_image(
+            args.name, disk=args.disk, disk_format=args.format, disk_sha256=args.disk_sha256,
+            kernel=args.kernel, kernel_sha256=args.kernel_sha256, initrd=args.initrd,
+            initrd_sha256=args.initrd_sha256, cmdline=args.cmdline or "",
+            description=args.description or "")
+    db = _database(cfg)
+    try:
+        if args.image_cmd == "add":
+            db.run_sync(lambda s: images.add_image(s, row))
+            parts = [f"disk {row.disk_format} {row.disk_sha256}" if row.disk_url else "",
+                     f"kernel {row.kernel_sha256}" if row.kernel_url else "",
+                     f"initrd {row.initrd_sha256}" if row.initrd_url else ""]
+            print(f"image {row.name} added ({'; '.join(filter(None, parts))}); send the "
+                  f"controller SIGHUP (or restart it) to use it")
+        elif args.image_cmd == "del":
+            db.run_sync(lambda s: images.delete_image(s, args.name))
+            print(f"image {args.name} deleted (VMs made from it keep their disks and boot as "
+                  f"before); send the controller SIGHUP (or restart it)")
+        else:
+            rows = db.run_sync(images.list_images)
+            print(f"{'NAME':<16} {'DISK':<6} {'KERNEL':<6} {'INITRD':<6} DESCRIPTION")
+            for r in rows:
+                print(f"{r.name:<16} {r.disk_format or '-':<6} "
+                      f"{'yes' if r.kernel_url else '-':<6} "
+                      f"{'yes' if r.initrd_url else '-':<6} {r.description or '-'}")
+                if args.long:
+                    for what, url, digest in (("disk", r.disk_url, r.disk_sha256),
+                                              ("kernel", r.kernel_url, r.kernel_sha256),
+                                              ("initrd", r.initrd_url, r.initrd_sha256)):
+                        if url:
+                            print(f"  {what:<7} {url}\n          sha256 {digest}")
+                    if r.cmdline:
+                        print(f"  cmdline {r.cmdline}")
+    finally:
+        db.close()
+    return 0
+
+
 def cmd_join_token(args: argparse.Namespace) -> int:
     cfg = _config(args)
     hostname = validate_domain(args.hostname)
@@ -205,7 +253,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reloads: set[asyncio.Task[None]] = set()
 
         def reload() -> None:
-            task = asyncio.create_task(controller.reload_ranges())
+            task = asyncio.create_task(controller.reload())
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
@@ -266,6 +314,27 @@ def build_parser() -> argparse.ArgumentParser:
                            "may use it")
     rsub.add_parser("list", help="list IP ranges and their lease counts")
     rsub.add_parser("del", help="delete an IP range without leases").add_argument("name")
+    img = sub.add_parser("image", help="images users start VMs from (start --image)")
+    isub = img.add_subparsers(dest="image_cmd", required=True)
+    iadd = isub.add_parser("add", help="register an image: a disk and/or a kernel, by URL "
+                                       "(file, http, https) and SHA-256")
+    iadd.add_argument("name", help="the name users give to start --image")
+    iadd.add_argument("--disk", metavar="URL", help="the disk; each VM gets a qcow2 overlay on it")
+    iadd.add_argument("--format", choices=images.DISK_FORMATS,
+                      help="the disk's format, pinned (needed with --disk; never guessed)")
+    iadd.add_argument("--kernel", metavar="URL", help="a kernel to boot directly")
+    iadd.add_argument("--initrd", metavar="URL", help="its initrd (needs --kernel)")
+    iadd.add_argument("--cmdline", metavar="TEXT", help="the kernel command line")
+    iadd.add_argument("--description", metavar="TEXT", help="one line users see in image_list")
+    for what in ("disk", "kernel", "initrd"):
+        iadd.add_argument(f"--{what}-sha256", metavar="HEX", dest=f"{what}_sha256",
+                          help=f"SHA-256 of the {what} (computed from the file for a "
+                               f"file:// URL; needed for http and https)")
+    ilist = isub.add_parser("list", help="list images")
+    ilist.add_argument("-l", "--long", action="store_true",
+                       help="also show URLs, checksums and command lines")
+    isub.add_parser("del", help="forget an image (VMs made from it keep theirs)"
+                    ).add_argument("name")
     jt = sub.add_parser("join-token", help="make a one-time token a new host joins with")
     jt.add_argument("hostname")
     sub.add_parser("serve", help="run the daemon (the default)")
@@ -277,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     commands = {"init": cmd_init, "db": cmd_db, "user": cmd_user, "range": cmd_range,
+                "image": cmd_image,
                 "join-token": cmd_join_token,
                 "serve": cmd_serve, None: cmd_serve}
     try:

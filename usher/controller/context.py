@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from usher.config import ControllerConfig
 from usher.controller.db import Database
 from usher.controller.events import EventBus, EventData
+from usher.controller.images import ImageCatalog
 from usher.controller.providers import PlacementProvider, ProviderChain
 from usher.controller.state import Registry, TaskRec, VmRec
 from usher.errors import HostUnavailable
@@ -137,6 +138,7 @@ class Context:
     directory: DirectoryLink | None = None  # the site directory, when configured
     dns: DnsProvider | None = None  # the dns provider, when configured
     ipam: IpamProvider | None = None
+    images: ImageCatalog = field(default_factory=ImageCatalog)  # the registered images
 
     def db_background(self, job: Callable[[Session], Any]) -> None:
         """Journal ``job`` without waiting for it (state seen by events); failures log."""

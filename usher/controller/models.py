@@ -70,6 +70,9 @@ class Vm(Base):
     started: Mapped[float | None] = mapped_column(Float, nullable=True)
     reason: Mapped[str] = mapped_column(Text, default="")
     created: Mapped[float] = mapped_column(Float)
+    # What it was started with: the start options as given and the resolved
+    # boot (JSON, see usher.controller.images.BootRecord); NULL: nothing to boot.
+    boot: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Transition(Base):
@@ -118,6 +121,24 @@ class IpRange(Base):
     family: Mapped[int] = mapped_column(Integer)  # 4 or 6
     is_default: Mapped[bool] = mapped_column(Boolean, default=False)
     access: Mapped[str] = mapped_column(Text, default='{"users": ["*"], "groups": []}')
+    created: Mapped[float] = mapped_column(Float)
+
+
+class Image(Base):
+    """An image site admins registered (issue 5): a disk and/or a kernel (and initrd),
+    each by URL and SHA-256; the disk's format is pinned here, never guessed."""
+
+    __tablename__ = "images"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    disk_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    disk_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    disk_format: Mapped[str | None] = mapped_column(String(16), nullable=True)  # qcow2 | raw
+    kernel_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    kernel_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    initrd_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    initrd_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    cmdline: Mapped[str] = mapped_column(Text, default="")  # kernel command line
+    description: Mapped[str] = mapped_column(Text, default="")
     created: Mapped[float] = mapped_column(Float)
 
 

@@ -279,6 +279,8 @@ class ControllerServer:
         async def complete(ident: Identity, a: Any, _r: str) -> list[str]:
             if a.kind == "vm":
                 return vms.complete_vms(ident, a.prefix)
+            if a.kind == "image":
+                return self.ctx.images.complete(a.prefix)
             return [h for h in sorted(self.ctx.reg.hosts) if h.startswith(a.prefix)]
 
         def mutation(fn: Callable[[Identity, Any, str], Awaitable[Any]], name: str
@@ -299,6 +301,9 @@ class ControllerServer:
         async def task_list(i: Identity, a: Any, _r: str) -> Any:
             return vms.list_tasks(i, a)
 
+        async def image_list(_i: Identity, _a: Any, _r: str) -> Any:
+            return self.ctx.images.list_images()  # no URLs: users only name images
+
         table: dict[str, Callable[[Identity, Any, str], Awaitable[Any]]] = {
             "vm.start": mutation(vms.start, "start"),
             "vm.list": vm_list,
@@ -306,6 +311,7 @@ class ControllerServer:
             "host.disable": mutation(lambda i, a, r: hosts.disable(a.name), "host_disable"),
             "host.enable": mutation(lambda i, a, r: hosts.enable(a.name), "host_enable"),
             "host.remove": mutation(lambda i, a, r: hosts.remove(a.name), "host_remove"),
+            "image.list": image_list,
             "task.list": task_list,
             "task.wait": lambda i, a, r: vms.wait_task(i, a),
             "session.whoami": whoami,

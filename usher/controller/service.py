@@ -3,7 +3,8 @@
 A mutation goes through four phases, in this order:
 
 1. **validate** the whole batch (names, permissions, the verb against each
-   VM's state, options) and let ``*_request`` policies refuse or amend it
+   VM's state, options, and what a new VM boots from: see
+   :mod:`usher.controller.images`) and let ``*_request`` policies refuse or amend it
    (an amended request is validated again). Nothing has changed yet.
 2. **decide**, on the event loop without an ``await``: reserve placement for
    new VMs, mark every VM busy with its task. Atomic, so concurrent requests
@@ -38,9 +39,10 @@ from usher import failpoints
 from usher.controller.auth import Identity
 from usher.controller.context import Context
 from usher.controller.events import EventData
+from usher.controller.images import encode_boot
 from usher.controller.models import RequestRecord, Task, Transition, Vm
 from usher.controller.providers import Placement, Row
-from usher.controller.state import TaskRec, VmRec
+from usher.controller.state import BootRecord, TaskRec, VmRec
 from usher.errors import (
     Conflict,
     ConnectionClosed,
@@ -265,7 +267,9 @@ class VmService:
                                f"{vm.state}", details={"state": vm.state})
         return True
 
-    def _options(self, identity: Identity, options: StartOptions) -> StartOptions:
+    def _options(self, identity: Identity, options: StartOptions
+                 ) -> tuple[StartOptions, BootRecord | None]:
+        """Check a start's options; returns them with the boot they resolve to."""
         cfg = self.ctx.config
         if options.ram is not None and not 16 <= options.ram <= cfg.max_ram_mib:
             raise InvalidOption(f"--ram {options.ram} is out of range; "
@@ -275,7 +279,7 @@ class VmService:
                                 f"give 1 to {cfg.max_vcpus}")
         if options.vmm is not None and options.vmm not in self.reg.hosts:
             raise InvalidOption(f"no VMM named {options.vmm}; see 'vmm_list'")
-        return options
+        return options, self.ctx.images.resolve(options, site_admin=identity.site_admin)
 
     async def _policy(self, identity: Identity, op: str, names: list[VmName],
                       options: dict[str, Any]) -> dict[str, Any]:
@@ -291,7 +295,7 @@ class VmService:
     # ================================================================= start
     async def start(self, identity: Identity, args: StartArgs, request_id: str) -> Accepted:
         names = self._names(identity, args.names)
-        options = self._options(identity, args.options)
+        options, boot = self._options(identity, args.options)
         raw = msgspec.structs.asdict(options)
         amended = await self._policy(identity, "start", names, raw)
         if amended != raw:
@@ -300,12 +304,13 @@ class VmService:
             except msgspec.ValidationError as exc:
                 raise InvalidOption(f"a policy amended start into something invalid: {exc}") \
                     from None
-            options = self._options(identity, options)
+            options, boot = self._options(identity, options)
             names = self._names(identity, [n.fqdn + "." for n in names])
-        return await self._start_decided(identity, names, options, request_id)
+        return await self._start_decided(identity, names, options, boot, request_id)
 
     async def _start_decided(self, identity: Identity, names: list[VmName],
-                             options: StartOptions, request_id: str) -> Accepted:
+                             options: StartOptions, boot: BootRecord | None,
+                             request_id: str) -> Accepted:
         cfg = self.ctx.config
         # Range access lists may name directory groups: the owners' groups are
         # read (cached) before the decision, which must not await.
@@ -343,7 +348,7 @@ class VmService:
                                owner=name.owner or identity.user, host=None, state="pending",
                                memory_mib=options.ram or cfg.default_ram_mib,
                                vcpus=options.vcpus or cfg.default_vcpus, mac=self._unique_mac(),
-                               since=now, reason="", rr=options.rr)
+                               since=now, reason="", rr=options.rr, boot=boot)
                     self.reg.add_vm(vm)
                     new_vms.append(vm)
                     self.ctx.providers.reserve(Placement(vm=vm, vmm=options.vmm,
@@ -561,7 +566,8 @@ class VmService:
             prefix, gateway = self.ctx.ipam.network_of(vm.uuid)
         return DomainSpecMsg(uuid=vm.uuid, name=vm.name, memory_mib=vm.memory_mib,
                              vcpus=vm.vcpus, mac=vm.mac, owner=vm.owner, task_id=task.id,
-                             ip=vm.ip, ip_prefix=prefix, gateway=gateway)
+                             ip=vm.ip, ip_prefix=prefix, gateway=gateway,
+                             boot=vm.boot.boot if vm.boot is not None else None)
 
     async def _execute(self, task: TaskRec, vm: VmRec, previous: str) -> None:
         nodes, op = self.ctx.nodes, task.op
@@ -620,8 +626,10 @@ class VmService:
                              f"migrate live")
         if was != "stopped":
             await nodes.call(source, "node.action", ActionArgs(uuid=vm.uuid, action="power_off"))
-        await nodes.call(target, "node.define", DefineArgs(spec=self._spec(vm, task),
-                                                           start=False))
+        spec = self._spec(vm, task)
+        # The target fetches the VM's image files first if it has none yet.
+        await nodes.call(target, "node.define", DefineArgs(spec=spec, start=False),
+                         timeout=max(1.0, task.deadline - _now()) if spec.boot else None)
         await nodes.call(source, "node.undefine", UuidArgs(uuid=vm.uuid))
         self.reg.unhold(target, vm)
         self.reg.move_vm(vm, target)
@@ -813,7 +821,7 @@ def _vm_row(vm: VmRec) -> Row:
     return dict(uuid=vm.uuid, name=vm.name, cluster=vm.cluster, owner=vm.owner, host=vm.host,
                 state=vm.state, memory_mib=vm.memory_mib, vcpus=vm.vcpus, mac=vm.mac, ip=vm.ip,
                 since=vm.since, started=vm.started, reason=vm.reason, rr=vm.rr,
-                created=vm.since)
+                created=vm.since, boot=encode_boot(vm.boot))
 
 
 def _task_row(t: TaskRec) -> Row:

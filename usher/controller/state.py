@@ -18,10 +18,24 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from usher.protocol.ops import HostInfo, TaskInfo, VmInfo
+import msgspec
+
+from usher.protocol.ops import BootMsg, HostInfo, TaskInfo, VmInfo
 
 VM_STATES = ("pending", "starting", "running", "paused", "shutting_down", "stopped",
              "hibernated", "migrating", "crashed", "unknown", "error")
+
+
+class BootRecord(msgspec.Struct, omit_defaults=True):
+    """What a VM was started with: the start options as given and the boot they
+    resolved to (see usher.controller.images), kept as JSON in ``vms.boot``."""
+
+    boot: BootMsg
+    image: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    kernel_parms: str | None = None
+    fs_uri: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -42,12 +56,14 @@ class VmRec:
     rr: bool = False  # a member of its cluster's round-robin DNS name
     vlan: int | None = None  # VLAN of its IP range: only hosts carrying it may run it
     task: str | None = None  # id of the task operating on it now
+    boot: BootRecord | None = None  # what it boots from, fixed when it was made
 
     def info(self) -> VmInfo:
         return VmInfo(name=self.name, uuid=self.uuid, state=self.state, owner=self.owner,
                       cluster=self.cluster, host=self.host, memory_mib=self.memory_mib,
                       vcpus=self.vcpus, mac=self.mac, ip=self.ip, since=self.since,
-                      started=self.started, reason=self.reason, rr=self.rr)
+                      started=self.started, reason=self.reason, rr=self.rr,
+                      image=(self.boot.image or "") if self.boot is not None else "")
 
 
 @dataclass(slots=True, eq=False)

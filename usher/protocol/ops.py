@@ -104,6 +104,7 @@ class VmInfo(_S):
     reason: str = ""  # why it is in this state (hold reason, error)
     rr: bool = False  # a member of its cluster's round-robin name
     dns: str = ""  # "" (no records), "ok", or "pending" (waiting for the DNS server)
+    image: str = ""  # the registered image it was made from (start --image), if any
 
 
 class HostInfo(_S):
@@ -176,7 +177,7 @@ class WhoAmI(_S):
 
 
 class CompleteArgs(_S):
-    kind: Literal["vm", "host"]
+    kind: Literal["vm", "host", "image"]
     prefix: str = ""
 
 
@@ -347,7 +348,7 @@ OPS: dict[str, Op] = {
            doc="Wait until a task ends (or the timeout passes) and return it."),
         Op("session.whoami", "client", Empty, WhoAmI, doc="Who the session is."),
         Op("session.complete", "client", CompleteArgs, list[str],
-           doc="Names for tab completion: the caller's VMs or the hosts."),
+           doc="Names for tab completion: the caller's VMs, the hosts or the images."),
         Op("node.register", "node", RegisterArgs, RegisterReply, mutation=True,
            doc="A node manager reports its host facts and full domain inventory; "
                "the controller reconciles."),

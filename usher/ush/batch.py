@@ -34,7 +34,13 @@ from typing import IO
 from usher.client import Client
 from usher.config import UshConfig
 from usher.errors import InvalidRequest
-from usher.ush import host_commands, session_commands, task_commands, vm_commands
+from usher.ush import (
+    host_commands,
+    image_commands,
+    session_commands,
+    task_commands,
+    vm_commands,
+)
 from usher.ush.parsers import PLAIN_KIT, Command, ParseRefused
 from usher.ush.session import ClientFactory, Session, Sink
 
@@ -43,7 +49,7 @@ __all__ = ["COMMANDS", "MAX_STDIN_CHARS", "BatchRunner", "Step", "StreamSink", "
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (
     *session_commands.COMMANDS, *vm_commands.COMMANDS, *host_commands.COMMANDS,
-    *task_commands.COMMANDS)}
+    *image_commands.COMMANDS, *task_commands.COMMANDS)}
 """The verbs batch mode runs itself, by name."""
 
 MAX_STDIN_CHARS = 1 << 20

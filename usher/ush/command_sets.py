@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from cmd2 import CommandSet, with_argparser
 
 from usher.ush import host_commands as hosts
+from usher.ush import image_commands as images
 from usher.ush import session_commands as session
 from usher.ush import task_commands as tasks
 from usher.ush import vm_commands as vms
@@ -23,7 +24,7 @@ from usher.ush.completion import cmd2_parser
 if TYPE_CHECKING:
     from usher.ush.shell import UshApp  # noqa: F401 - named in the CommandSet base
 
-__all__ = ["HostCommands", "SessionCommands", "TaskCommands", "VmCommands"]
+__all__ = ["HostCommands", "ImageCommands", "SessionCommands", "TaskCommands", "VmCommands"]
 
 
 class SessionCommands(CommandSet["UshApp"]):
@@ -122,6 +123,17 @@ class HostCommands(CommandSet["UshApp"]):
     def do_vmm_remove(self, args: argparse.Namespace) -> None:
         """forget an empty VMM (site admin)"""
         hosts.remove_host(self._cmd.session, args)
+
+
+class ImageCommands(CommandSet["UshApp"]):
+    """Listing the images new VMs boot from."""
+
+    DEFAULT_CATEGORY = "Images"
+
+    @with_argparser(cmd2_parser(images.image_list_parser))
+    def do_image_list(self, args: argparse.Namespace) -> None:
+        """list the images VMs start from"""
+        images.list_images(self._cmd.session, args)
 
 
 class TaskCommands(CommandSet["UshApp"]):

@@ -1,4 +1,5 @@
-"""Tab completion of VM and VMM names, and the cmd2 kit that wires it into ush's parsers.
+"""Tab completion of VM, VMM and image names, and the cmd2 kit that wires it into ush's
+parsers.
 
 :class:`Cmd2Kit` is the interactive shell's :class:`~usher.ush.parsers.ParserKit`:
 it builds each verb's parser as a ``Cmd2ArgumentParser`` (cmd2's help layout)
@@ -26,7 +27,8 @@ from usher.ush.parsers import ParserKit
 if TYPE_CHECKING:
     from usher.ush.shell import UshApp
 
-__all__ = ["CMD2_KIT", "Cmd2Kit", "cmd2_parser", "host_name_choices", "vm_name_choices"]
+__all__ = ["CMD2_KIT", "Cmd2Kit", "cmd2_parser", "host_name_choices", "image_name_choices",
+           "initrd_image_choices", "kernel_image_choices", "vm_name_choices"]
 
 
 def _typed(arg_tokens: dict[str, list[str]], dest: str) -> str:
@@ -46,6 +48,32 @@ def host_name_choices(app: UshApp, arg_tokens: dict[str, list[str]]) -> Choices:
     return Choices.from_values(app.session.complete_names("host", typed), is_sorted=True)
 
 
+def _images(app: UshApp, arg_tokens: dict[str, list[str]], dest: str) -> Choices:
+    return Choices.from_values(app.session.complete_names("image", _typed(arg_tokens, dest)),
+                               is_sorted=True)
+
+
+# One provider per option: cmd2 hands a provider the tokens of every option
+# typed so far, not which option is being completed.
+def image_name_choices(app: UshApp, arg_tokens: dict[str, list[str]]) -> Choices:
+    """Registered image names for ``--image``."""
+    return _images(app, arg_tokens, "image")
+
+
+def kernel_image_choices(app: UshApp, arg_tokens: dict[str, list[str]]) -> Choices:
+    """Registered image names for ``--kernel``."""
+    return _images(app, arg_tokens, "kernel")
+
+
+def initrd_image_choices(app: UshApp, arg_tokens: dict[str, list[str]]) -> Choices:
+    """Registered image names for ``--initrd``."""
+    return _images(app, arg_tokens, "initrd")
+
+
+_IMAGE_CHOICES = {"image": image_name_choices, "kernel": kernel_image_choices,
+                  "initrd": initrd_image_choices}
+
+
 class Cmd2Kit:
     """The interactive shell's kit: cmd2 parsers with name completion."""
 
@@ -58,6 +86,9 @@ class Cmd2Kit:
 
     def host_names(self) -> dict[str, Any]:
         return {"choices_provider": host_name_choices}
+
+    def image_names(self, dest: str) -> dict[str, Any]:
+        return {"choices_provider": _IMAGE_CHOICES[dest]}
 
 
 CMD2_KIT = Cmd2Kit()

@@ -13,12 +13,13 @@ from collections.abc import Iterable, Sequence
 
 import msgspec
 
-from usher.protocol.ops import HostInfo, TaskInfo, VmInfo, VmStateMsg
+from usher.protocol.ops import HostInfo, ImageInfo, TaskInfo, VmInfo, VmStateMsg
 
 __all__ = [
     "SHORT_ID",
     "format_duration",
     "host_table",
+    "image_table",
     "relative_name",
     "render_table",
     "short_id",
@@ -136,13 +137,14 @@ def vm_table(vms: Sequence[VmInfo], domain: str | None, now: float, *,
              long: bool = False) -> str:
     """The ``list`` table: NAME STATE HOST IP RAM VCPUS UPTIME REASON.
 
-    ``long`` adds OWNER, CLUSTER, MAC, UUID and DNS (``ok``, ``pending``, and
-    ``+rr`` for round-robin members) before REASON. RAM is in MiB. Records
+    ``long`` adds OWNER, CLUSTER, MAC, UUID, DNS (``ok``, ``pending``, and
+    ``+rr`` for round-robin members) and IMAGE (the one it was started from)
+    before REASON. RAM is in MiB. Records
     still waiting for the DNS server show as ``DNS pending`` in REASON.
     """
     headers = ["NAME", "STATE", "HOST", "IP", "RAM", "VCPUS", "UPTIME"]
     if long:
-        headers += ["OWNER", "CLUSTER", "MAC", "UUID", "DNS"]
+        headers += ["OWNER", "CLUSTER", "MAC", "UUID", "DNS", "IMAGE"]
     headers.append("REASON")
     rows = []
     for vm in sorted(vms, key=lambda v: v.name):
@@ -150,7 +152,8 @@ def vm_table(vms: Sequence[VmInfo], domain: str | None, now: float, *,
                f"{vm.memory_mib}M", str(vm.vcpus), _uptime(vm, now)]
         if long:
             dns = (vm.dns or _NONE) + ("+rr" if vm.rr else "")
-            row += [vm.owner, relative_name(vm.cluster, domain), vm.mac, vm.uuid, dns]
+            row += [vm.owner, relative_name(vm.cluster, domain), vm.mac, vm.uuid, dns,
+                    vm.image or _NONE]
         reason = vm.reason
         if vm.dns == "pending":
             reason = f"DNS pending; {reason}" if reason else "DNS pending"
@@ -175,6 +178,18 @@ def host_table(hosts: Sequence[HostInfo]) -> str:
         rows.append(row)
     headers = ["NAME", "STATE", "CPUS", "MEM(MiB)", "USED", "VMS"]
     return render_table(headers + ["VLANS"] * with_vlans, rows, right=(2, 3, 4, 5))
+
+
+def image_table(images: Sequence[ImageInfo]) -> str:
+    """The ``image_list`` table: NAME DISK KERNEL INITRD DESCRIPTION.
+
+    DISK is the disk's format (``qcow2``, ``raw``) or ``-``; KERNEL and
+    INITRD are ``yes`` or ``-``.
+    """
+    rows = [[i.name, i.disk_format or _NONE, "yes" if i.kernel else _NONE,
+             "yes" if i.initrd else _NONE, i.description]
+            for i in sorted(images, key=lambda i: i.name)]
+    return render_table(["NAME", "DISK", "KERNEL", "INITRD", "DESCRIPTION"], rows)
 
 
 def task_table(tasks: Sequence[TaskInfo], domain: str | None, now: float) -> str:

@@ -9,7 +9,8 @@ kit decides the parser class and adds completion hints:
   and ignores completion; the batch runner (:mod:`.batch`) uses it, so a
   script's ``ush list`` never loads cmd2, prompt_toolkit or rich (about 0.3 s);
 * the cmd2 kit (:mod:`.completion`) builds a ``Cmd2ArgumentParser`` with
-  ``choices_provider`` completion of VM and VMM names for the interactive shell.
+  ``choices_provider`` completion of VM, VMM and image names for the
+  interactive shell.
 
 A :class:`Command` pairs a verb's builder with its body, a function of the
 :class:`~usher.ush.session.Session` and the parsed arguments.
@@ -47,6 +48,9 @@ class ParserKit(Protocol[P_co]):
     def host_names(self) -> dict[str, Any]:
         """Extra ``add_argument`` keywords for an argument or option naming a VMM."""
 
+    def image_names(self, dest: str) -> dict[str, Any]:
+        """Extra ``add_argument`` keywords for option ``dest`` naming a registered image."""
+
 
 class ParseRefused(Exception):
     """A plain parser met a usage error or a help request and printed nothing."""
@@ -79,6 +83,9 @@ class PlainKit:
         return {}
 
     def host_names(self) -> dict[str, Any]:
+        return {}
+
+    def image_names(self, dest: str) -> dict[str, Any]:
         return {}
 
 

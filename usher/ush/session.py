@@ -356,7 +356,7 @@ class Session:
             self._sink.out(text)
 
     # ----------------------------------------------------------- completion
-    def complete_names(self, kind: Literal["vm", "host"], prefix: str) -> list[str]:
+    def complete_names(self, kind: Literal["vm", "host", "image"], prefix: str) -> list[str]:
         """Names for tab completion; ``[]`` at once when not connected or on error."""
         client = self.client
         if client is None or not client.connected:

@@ -26,7 +26,13 @@ from rich.text import Text
 
 from usher.client import Client
 from usher.config import UshConfig
-from usher.ush.command_sets import HostCommands, SessionCommands, TaskCommands, VmCommands
+from usher.ush.command_sets import (
+    HostCommands,
+    ImageCommands,
+    SessionCommands,
+    TaskCommands,
+    VmCommands,
+)
 from usher.ush.session import ClientFactory, Session
 
 __all__ = ["PROMPT", "REMOVED_BUILTINS", "UshApp"]
@@ -59,7 +65,8 @@ class UshApp(cmd2.Cmd):
             allow_clipboard=False,
             persistent_history_file=config.history_file if interactive else "",
             shortcuts={"?": "help"},
-            command_sets=[SessionCommands(), VmCommands(), HostCommands(), TaskCommands()],
+            command_sets=[SessionCommands(), VmCommands(), HostCommands(), ImageCommands(),
+                          TaskCommands()],
             stdin=stdin,
             stdout=stdout,
         )

@@ -40,14 +40,24 @@ start VM(s) (creating if necessary)
 A name that is not a VM yet creates one: usher registers it, reserves its
 address, defines it on a host and boots it. A stopped or crashed VM boots
 again; a hibernated VM is restored. A VM already running or starting is left
-as it is. --ram, --vcpus, --vmm, --ip_range, --ip and --rr apply to VMs being
-created. --rr also gives the cluster's own name to the VMs, round-robin: after
-'start {1..4}.web --rr', web.USER.SITE answers with all four addresses.
+as it is. The options apply to VMs being created. --rr also gives the
+cluster's own name to the VMs, round-robin: after 'start {1..4}.web --rr',
+web.USER.SITE answers with all four addresses.
+
+A new VM boots from registered images (see image_list): --image gives its
+disk (each VM writes to its own copy-on-write overlay) and, if the image has
+one, its kernel and initrd; --kernel and --initrd take those of other images.
+--kernel_parms is added to the kernel's command line. --fs_uri
+nfs://SERVER/PATH makes an NFS export the root file system of the kernel
+(SERVER by IPv4 address); site admins may give a disk URL instead
+(file://, http://, https:// with #sha256=HEX[&format=qcow2|raw]).
 
 example:
   start redfish.sneetch
   start {1..8}.web --ram 512 --vcpus 2
-  start {1..4}.web --rr""")
+  start {1..4}.web --rr
+  start t1 --image tiny
+  start t2 --kernel tiny --fs_uri nfs://10.0.0.5/export/root --kernel_parms quiet""")
     parser.add_argument("--ram", type=positive_int, metavar="MiB",
                         help="memory of a new VM in MiB (default: the site's)")
     parser.add_argument("--vcpus", type=positive_int, metavar="N",
@@ -61,13 +71,28 @@ example:
                         help="this address of the range (default: the lowest free one)")
     parser.add_argument("--rr", action="store_true",
                         help="also answer for the cluster's DNS name, round-robin")
+    parser.add_argument("--image", metavar="NAME", **kit.image_names("image"),
+                        help="boot a new VM from this registered image: its disk (and "
+                             "kernel, if it has one); see image_list")
+    parser.add_argument("--kernel", metavar="NAME", **kit.image_names("kernel"),
+                        help="boot the kernel (and initrd) of this registered image")
+    parser.add_argument("--initrd", metavar="NAME", **kit.image_names("initrd"),
+                        help="with the initrd of this registered image")
+    parser.add_argument("--kernel_parms", metavar="TEXT",
+                        help="add these parameters to the kernel command line (needs a "
+                             "kernel; quote them: --kernel_parms 'quiet loglevel=3')")
+    parser.add_argument("--fs_uri", metavar="URI",
+                        help="nfs://SERVER/PATH: the kernel's root file system over NFS; "
+                             "site admins: a disk URL with #sha256=HEX")
     return parser
 
 
 def start_vms(session: Session, args: argparse.Namespace) -> None:
     _mutate(session, lambda c: c.start(args.names, ram=args.ram, vcpus=args.vcpus,
                                        vmm=args.vmm, ip_range=args.ip_range, ip=args.ip,
-                                       rr=args.rr))
+                                       rr=args.rr, image=args.image, kernel=args.kernel,
+                                       initrd=args.initrd, kernel_parms=args.kernel_parms,
+                                       fs_uri=args.fs_uri))
 
 
 # ---------------------------------------------------------- lifecycle verbs

@@ -1,4 +1,4 @@
-"""The DB thread: schema check, group commit with per-job savepoints."""
+"""The DB thread: schema check, models against migrations, group commit."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select, text
 
 from usher.controller import db as dbmod
-from usher.controller.models import User
+from usher.controller.models import Base, User
 from usher.errors import SchemaOutdated
 
 
@@ -27,6 +29,19 @@ def test_schema_check_refuses_old_schema(tmp_path: Path) -> None:
     dbmod.check_schema(engine)
     with engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+def test_models_and_migrations_agree(tmp_path: Path) -> None:
+    # What autogenerate would write for a new revision: nothing, if every model
+    # change has its migration (types and nullability included).
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    dbmod.upgrade(url)
+    engine = dbmod.make_engine(url)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(
+            conn, opts={"compare_type": True}), Base.metadata)
+    engine.dispose()
+    assert diff == [], f"models differ from the migrations; make a revision: {diff}"
 
 
 async def test_group_commit_isolates_failing_jobs(tmp_path: Path) -> None:

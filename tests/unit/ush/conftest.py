@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from tests.unit.client.fake_controller import DOMAIN, USER, FakeController, Pki, make_pki
-from usher.errors import InvalidState, TaskNotFound
+from usher.errors import ImageNotFound, InvalidState, TaskNotFound
 from usher.protocol.connection import Connection
-from usher.protocol.ops import Accepted, HostInfo, TaskInfo, VmInfo
+from usher.protocol.ops import Accepted, HostInfo, ImageInfo, TaskInfo, VmInfo
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +45,15 @@ def controller(pki: Pki) -> Iterator[FakeController]:
 
 
 class Cluster:
-    """Just enough controller behaviour: tasks that end by push a moment later."""
+    """Just enough controller behaviour: tasks that end by push a moment later.
+
+    Two images are registered (``tiny``, a kernel, and ``debian``, a disk);
+    ``start --image`` of any other name is refused as the controller refuses it.
+    """
+
+    IMAGES = (ImageInfo(name="debian", disk_format="qcow2", description="Debian 12"),
+              ImageInfo(name="tiny", kernel=True, initrd=True, cmdline="console=ttyS0",
+                        description="test guest"))
 
     def __init__(self, fake: FakeController) -> None:
         self.vms: dict[str, VmInfo] = {}
@@ -54,9 +62,12 @@ class Cluster:
         fake.handlers.update({"vm.start": self.start, "vm.list": self.list_vms,
                               "host.list": self.hosts, "task.wait": self.wait,
                               "task.list": self.task_list, "session.complete": self.complete,
-                              "vm.shutdown": self.refuse})
+                              "vm.shutdown": self.refuse, "image.list": self.images})
 
     async def start(self, conn: Connection, args: Any, rid: str) -> Accepted:
+        image = args.options.image
+        if image is not None and image not in {i.name for i in self.IMAGES}:
+            raise ImageNotFound(f"--image: no image named {image}; see 'image_list'")
         accepted = []
         for name in args.names:
             fqdn = f"{name}.{DOMAIN}"
@@ -101,9 +112,14 @@ class Cluster:
     async def task_list(self, conn: Connection, args: Any, rid: str) -> list[TaskInfo]:
         return [t for t in reversed(self.tasks.values()) if not args.ids or t.id in args.ids]
 
+    async def images(self, conn: Connection, args: Any, rid: str) -> list[ImageInfo]:
+        return list(self.IMAGES)
+
     async def complete(self, conn: Connection, args: Any, rid: str) -> list[str]:
         if args.kind == "host":
             return ["vmm1"]
+        if args.kind == "image":
+            return [i.name for i in self.IMAGES if i.name.startswith(args.prefix)]
         return [n for n in self.vms if n.startswith(args.prefix)]
 
     async def refuse(self, conn: Connection, args: Any, rid: str) -> Accepted:

@@ -105,6 +105,40 @@ def test_commands_run_in_order_waiting_for_their_tasks(runner: Runner,
     assert start.names == ["web1", "{1..2}.db"] and start.options.ram == 512
 
 
+def test_start_sends_the_boot_options(runner: Runner, controller: FakeController) -> None:
+    status = runner.run([
+        "start t1 --image tiny --kernel_parms 'quiet loglevel=3'",
+        "start t2 --kernel tiny --initrd tiny --fs_uri nfs://10.0.0.5/export/t2",
+        "start t3 --fs_uri file:///srv/d.qcow2#sha256=abc&format=qcow2"])
+    assert status == 0
+    first, second, third = (op[2].options for op in controller.ops("vm.start"))
+    assert (first.image, first.kernel_parms, first.kernel) == ("tiny", "quiet loglevel=3", None)
+    assert (second.kernel, second.initrd, second.fs_uri) == (
+        "tiny", "tiny", "nfs://10.0.0.5/export/t2")
+    assert third.fs_uri == "file:///srv/d.qcow2#sha256=abc&format=qcow2"
+
+
+def test_unknown_image_is_one_error_line(runner: Runner,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    status = runner.run(["start t1 --image nope", "image_list"])
+    assert status == 3  # NotFound
+    assert capsys.readouterr().err == "error: --image: no image named nope; see 'image_list'\n"
+    assert runner.out()[0].split() == ["NAME", "DISK", "KERNEL", "INITRD", "DESCRIPTION"]
+
+
+def test_image_list_table_and_json(runner: Runner) -> None:
+    assert runner.run(["image_list", "image_list --json"]) == 0
+    lines = runner.out()
+    assert [line.split() for line in lines[:3]] == [
+        ["NAME", "DISK", "KERNEL", "INITRD", "DESCRIPTION"],
+        ["debian", "qcow2", "-", "-", "Debian", "12"],
+        ["tiny", "-", "yes", "yes", "test", "guest"]]
+    data = json.loads("\n".join(lines[3:]))
+    assert [(i["name"], i["disk_format"], i["kernel"]) for i in data] == [
+        ("debian", "qcow2", False), ("tiny", None, True)]
+    assert not any("url" in key or "sha" in key for item in data for key in item)
+
+
 def test_failed_task_fails_the_run(runner: Runner, capsys: pytest.CaptureFixture[str]) -> None:
     status = runner.run(["start bad web1", "vmm_list"])
     assert status == 1
@@ -194,6 +228,7 @@ def test_a_bug_in_a_command_fails_the_run_and_the_next_runs(
     "eof", "list; vmm_list", "list | grep web", "list > out.txt", "list >> out.txt",
     "list 'web1", 'start "a b', "start", "start -h", "list --help", "list --he",
     "start web1 --ram 0", "wait", "vmm_disable a b", "connect --password x", '"list"',
+    "start t1 --image", "image_list x", "image_list -h", "start t1 --kernel_parms 'a | b'",
     "list\"x\"",
 ])
 def test_lines_only_cmd2_runs_alike_go_to_cmd2(line: str) -> None:

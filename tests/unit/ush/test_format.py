@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from usher.protocol.ops import HostInfo, TaskInfo, VmInfo, VmStateMsg
+from usher.protocol.ops import HostInfo, ImageInfo, TaskInfo, VmInfo, VmStateMsg
 from usher.ush import format as fmt
 
 DOMAIN = "seuss.usher.test"
@@ -120,11 +120,14 @@ def test_vm_table() -> None:
 
 def test_vm_table_long() -> None:
     cluster = f"bluefish.{DOMAIN}"
-    lines = fmt.vm_table([vm(f"1.{cluster}", cluster=cluster)], DOMAIN, NOW,
+    lines = fmt.vm_table([vm(f"1.{cluster}", cluster=cluster),
+                          vm(f"2.{cluster}", cluster=cluster, image="tiny")], DOMAIN, NOW,
                          long=True).splitlines()
     assert lines[0].split() == ["NAME", "STATE", "HOST", "IP", "RAM", "VCPUS", "UPTIME",
-                                "OWNER", "CLUSTER", "MAC", "UUID", "DNS", "REASON"]
-    assert lines[1].split()[7:] == ["seuss", "bluefish", "52:54:00:12:34:56", "5f0c", "-"]
+                                "OWNER", "CLUSTER", "MAC", "UUID", "DNS", "IMAGE", "REASON"]
+    assert lines[1].split()[7:] == ["seuss", "bluefish", "52:54:00:12:34:56", "5f0c", "-",
+                                    "-"]
+    assert lines[2].split()[12:] == ["tiny"]
 
 
 def test_vm_table_shows_dns_state() -> None:
@@ -135,8 +138,22 @@ def test_vm_table_shows_dns_state() -> None:
     assert rows[1][-3:] == ["held", "by", "policy"]
     long = [line.split() for line in fmt.vm_table(vms, DOMAIN, NOW, long=True)
             .splitlines()[1:]]
-    assert long[0][11:] == ["pending", "DNS", "pending"]
+    assert long[0][11:] == ["pending", "-", "DNS", "pending"]
     assert long[1][11] == "ok+rr"
+
+
+def test_image_table() -> None:
+    images = [ImageInfo(name="tiny", kernel=True, initrd=True, description="test guest"),
+              ImageInfo(name="debian", disk_format="qcow2", description="Debian 12"),
+              ImageInfo(name="bare", disk_format="raw")]
+    lines = fmt.image_table(images).splitlines()
+    assert [line.split() for line in lines] == [
+        ["NAME", "DISK", "KERNEL", "INITRD", "DESCRIPTION"],
+        ["bare", "raw", "-", "-"],
+        ["debian", "qcow2", "-", "-", "Debian", "12"],
+        ["tiny", "-", "yes", "yes", "test", "guest"],
+    ]
+    assert all(line == line.rstrip() for line in lines)
 
 
 def test_host_table() -> None:

@@ -16,13 +16,14 @@ from cmd2 import Cmd2ArgumentParser
 
 from usher.config import UshConfig
 from usher.ush.batch import COMMANDS
+from usher.ush.completion import image_name_choices, initrd_image_choices, kernel_image_choices
 from usher.ush.parsers import PLAIN_KIT, ParseRefused
 from usher.ush.shell import REMOVED_BUILTINS, UshApp
 
 VERBS = {
     "connect", "reconnect", "start", "shutdown", "reboot", "cycle", "destroy", "pause",
     "resume", "hibernate", "migrate", "list", "vmm_list", "vmm_disable", "vmm_enable",
-    "vmm_remove", "tasks", "wait",
+    "vmm_remove", "image_list", "tasks", "wait",
 }
 BUILTINS = {"help", "history", "quit"}
 
@@ -85,9 +86,30 @@ def test_start_options(app: UshApp) -> None:
     assert (args.ram, args.vcpus, args.vmm) == (512, 2, "vmm3")
     args = parse(app, "start web1")
     assert (args.ram, args.vcpus, args.vmm) == (None, None, None)
+    assert (args.image, args.kernel, args.initrd, args.kernel_parms, args.fs_uri) == (
+        None, None, None, None, None)
+
+
+def test_start_boot_options(app: UshApp) -> None:
+    args = parse(app, "start t1 --image debian --kernel tiny --initrd tiny "
+                      "--kernel_parms quiet --fs_uri nfs://10.0.0.5/export")
+    assert (args.image, args.kernel, args.initrd, args.kernel_parms, args.fs_uri) == (
+        "debian", "tiny", "tiny", "quiet", "nfs://10.0.0.5/export")
+    options = {a.dest: a for a in parser_of(app, "start")._actions}
+    providers = {dest: options[dest].get_choices_provider()  # type: ignore[attr-defined]
+                 for dest in ("image", "kernel", "initrd", "kernel_parms", "fs_uri")}
+    assert providers == {"image": image_name_choices, "kernel": kernel_image_choices,
+                         "initrd": initrd_image_choices, "kernel_parms": None, "fs_uri": None}
+    assert all(options[dest].help for dest in providers)
+
+
+def test_image_list(app: UshApp) -> None:
+    assert parse(app, "image_list").json is False
+    assert parse(app, "image_list --json").json is True
 
 
 USAGE_ERRORS = ["start", "start web1 --ram 0", "start web1 --ram lots", "start web1 --vcpus -1",
+                "start web1 --image", "image_list tiny",
                 "shutdown", "destroy", "migrate --vmm vmm2", "vmm_disable", "wait",
                 "vmm_disable a b", "list --bogus", "connect --password x", "reconnect now"]
 
@@ -172,6 +194,7 @@ def test_help_command_prints_the_example(app: UshApp) -> None:
     text = output(app)
     assert "start {1..8}.web --ram 512" in text
     assert "--vmm HOST" in text
+    assert "--image NAME" in text and "start t1 --image tiny" in text
     assert app.exit_status == 0
 
 
@@ -212,7 +235,9 @@ def plain_parse(line: str) -> argparse.Namespace:
 
 @pytest.mark.parametrize("line", [
     "start {1..8}.web redfish.sneetch --ram 512 --vcpus 2 --vmm vmm3 --ip_range lab --ip 10.0.0.9",
-    "start web1", "shutdown web1 {1..4}.db", "reboot a", "cycle a", "pause a", "resume a",
+    "start web1", "start t1 --image debian --kernel tiny --initrd tiny --kernel_parms quiet",
+    "start t1 --fs_uri nfs://10.0.0.5/x", "image_list", "image_list --json",
+    "shutdown web1 {1..4}.db", "reboot a", "cycle a", "pause a", "resume a",
     "hibernate a", "destroy --force web1", "migrate web1 web2 --vmm vmm2", "migrate web1",
     "list", "list web1 {1..3}.db --all --json -l", "list --lo", "vmm_list --json",
     "vmm_disable vmm3", "vmm_enable vmm3", "vmm_remove vmm3", "tasks --active --limit 5",

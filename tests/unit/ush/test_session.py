@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -95,6 +96,7 @@ def test_completion_and_reconnect_news(session: Session, lines: Lines,
     session.wait_for_pending()
     assert session.complete_names("vm", "") == ["web1", "web2"]
     assert session.complete_names("host", "v") == ["vmm1"]
+    assert session.complete_names("image", "t") == ["tiny"]
     loop: asyncio.AbstractEventLoop = controller.loop  # type: ignore[attr-defined]
     loop.call_soon_threadsafe(controller.drop_all)
     run(session, "vmm_list")
@@ -104,6 +106,26 @@ def test_completion_and_reconnect_news(session: Session, lines: Lines,
     assert any("connection lost" in t and "reconnecting..." in t for t in news)
     assert "reconnected" in news
     assert session.exit_status == 0
+
+
+def test_image_options_complete_the_option_being_typed(session: Session) -> None:
+    # cmd2 gives a provider every option's tokens; each option has its own provider.
+    from cmd2 import Choices
+
+    from usher.ush.completion import (
+        image_name_choices,
+        initrd_image_choices,
+        kernel_image_choices,
+    )
+
+    def texts(choices: Choices) -> list[str]:
+        return [item.text for item in choices]
+
+    app: Any = SimpleNamespace(session=session)
+    tokens = {"names": ["t1"], "image": ["d"], "kernel": ["t"], "initrd": [""]}
+    assert texts(image_name_choices(app, tokens)) == ["debian"]
+    assert texts(kernel_image_choices(app, tokens)) == ["tiny"]
+    assert texts(initrd_image_choices(app, tokens)) == ["debian", "tiny"]
 
 
 def test_an_alerting_session_shows_pushes_at_once_from_the_client_thread(
