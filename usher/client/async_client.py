@@ -55,6 +55,7 @@ from usher.protocol.ops import (
     OPS,
     Accepted,
     CompleteArgs,
+    ConsoleText,
     Empty,
     HostArgs,
     HostInfo,
@@ -66,6 +67,7 @@ from usher.protocol.ops import (
     TaskInfo,
     TaskListArgs,
     TaskWaitArgs,
+    VmConsoleArgs,
     VmInfo,
     VmOpArgs,
     VmStateMsg,
@@ -643,6 +645,12 @@ class AsyncClient:
         return result
 
     # ---------------------------------------------------------------- reads
+    async def console_tail(self, name: str, lines: int = 50) -> str:
+        """The last ``lines`` lines VM ``name`` printed on its serial console."""
+        result: ConsoleText = await self._call("vm.console",
+                                               VmConsoleArgs(name=name, lines=lines))
+        return result.text
+
     async def list_vms(self, names: Iterable[str] = (), *,
                        all_users: bool = False) -> list[VmInfo]:
         """VMs the caller may see, optionally only those matching ``names``."""

@@ -213,6 +213,9 @@ class Client:
         return self._run(self._aio.host_remove(name, request_id=request_id))
 
     # ---------------------------------------------------------------- reads
+    def console_tail(self, name: str, lines: int = 50) -> str:
+        return self._run(self._aio.console_tail(name, lines))
+
     def list_vms(self, names: Iterable[str] = (), *, all_users: bool = False) -> list[VmInfo]:
         return self._run(self._aio.list_vms(names, all_users=all_users))
 

@@ -301,6 +301,9 @@ class ControllerServer:
         async def task_list(i: Identity, a: Any, _r: str) -> Any:
             return vms.list_tasks(i, a)
 
+        async def console(i: Identity, a: Any, _r: str) -> Any:
+            return await vms.console_tail(i, a)
+
         async def image_list(_i: Identity, _a: Any, _r: str) -> Any:
             return self.ctx.images.list_images()  # no URLs: users only name images
 
@@ -312,6 +315,7 @@ class ControllerServer:
             "host.enable": mutation(lambda i, a, r: hosts.enable(a.name), "host_enable"),
             "host.remove": mutation(lambda i, a, r: hosts.remove(a.name), "host_remove"),
             "image.list": image_list,
+            "vm.console": console,
             "task.list": task_list,
             "task.wait": lambda i, a, r: vms.wait_task(i, a),
             "session.whoami": whoami,

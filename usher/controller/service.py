@@ -59,8 +59,11 @@ from usher.errors import (
 from usher.names import VmName, expand_batch, resolve_vm_name
 from usher.protocol import frames
 from usher.protocol.ops import (
+    MAX_CONSOLE_LINES,
     Accepted,
     ActionArgs,
+    ConsoleArgs,
+    ConsoleText,
     DefineArgs,
     DomainMsg,
     DomainSpecMsg,
@@ -72,6 +75,7 @@ from usher.protocol.ops import (
     TaskListArgs,
     TaskWaitArgs,
     UuidArgs,
+    VmConsoleArgs,
     VmInfo,
     VmOpArgs,
 )
@@ -235,6 +239,27 @@ class VmService:
             raise InvalidOption("name at least one VM")
         return [self._resolve(identity, n)
                 for n in expand_batch(patterns, cap=self.ctx.config.batch_cap)]
+
+    async def console_tail(self, identity: Identity, args: VmConsoleArgs) -> ConsoleText:
+        """The last lines the VM printed on its serial console, from its host.
+
+        Raises:
+            VmNotFound: no such VM the caller may see.
+            InvalidOption: not one VM, or ``lines`` out of range.
+            HostUnavailable: the VM's host is not connected (or it has none).
+        """
+        if not 1 <= args.lines <= MAX_CONSOLE_LINES:
+            raise InvalidOption(f"--tail takes 1 to {MAX_CONSOLE_LINES} lines, not {args.lines}")
+        names = self._names(identity, [args.name])
+        if len(names) != 1:
+            raise InvalidOption("console shows one VM at a time; name one")
+        vm = self._existing(identity, names[0])
+        if vm.host is None or not self.ctx.nodes.connected(vm.host):
+            raise HostUnavailable(f"{self._short(identity, vm.name)} has no connected VMM "
+                                  f"({vm.state}); its console is on its host")
+        reply: ConsoleText = await self.ctx.nodes.call(
+            vm.host, "node.console", ConsoleArgs(uuid=vm.uuid, lines=args.lines))
+        return reply
 
     def _existing(self, identity: Identity, name: VmName) -> VmRec:
         vm = self.reg.by_name.get(name.fqdn)

@@ -98,6 +98,11 @@ class VmCommands(CommandSet["UshApp"]):
         """list VMs"""
         vms.list_vms(self._cmd.session, args)
 
+    @with_argparser(cmd2_parser(vms.console_parser))
+    def do_console(self, args: argparse.Namespace) -> None:
+        """show a VM's serial console"""
+        vms.console_vm(self._cmd.session, args)
+
 
 class HostCommands(CommandSet["UshApp"]):
     """Listing VMMs and, for the site admin, taking them in and out of service."""

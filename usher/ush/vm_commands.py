@@ -261,6 +261,28 @@ def list_vms(session: Session, args: argparse.Namespace) -> None:
         session.output(fmt.vm_table(vms, session.domain, time.time(), long=args.long))
 
 
+# ------------------------------------------------------------------ console
+def console_parser(kit: ParserKit[P]) -> P:
+    parser = kit.parser("console", """\
+show a VM's serial console
+
+--tail N prints the last N lines the VM printed on its serial console (its
+boot messages, a login prompt), from the log its VMM keeps, then returns.
+
+example:
+  console redfish.sneetch --tail 50""")
+    parser.add_argument("name", metavar="NAME", help="the VM", **kit.vm_names())
+    parser.add_argument("--tail", type=positive_int, metavar="N", required=True,
+                        help="print its last N lines (1 to 1000)")
+    return parser
+
+
+def console_vm(session: Session, args: argparse.Namespace) -> None:
+    text = session.call(lambda c: c.console_tail(args.name, args.tail))
+    if text is not None:
+        session.output(text.rstrip("\n") if text else "(the console has printed nothing yet)")
+
+
 COMMANDS = (
     Command("start", start_parser, start_vms),
     Command("shutdown", shutdown_parser, shutdown_vms),
@@ -272,4 +294,5 @@ COMMANDS = (
     Command("hibernate", hibernate_parser, hibernate_vms),
     Command("migrate", migrate_parser, migrate_vms),
     Command("list", list_parser, list_vms),
+    Command("console", console_parser, console_vm),
 )

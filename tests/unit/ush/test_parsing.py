@@ -23,7 +23,7 @@ from usher.ush.shell import REMOVED_BUILTINS, UshApp
 VERBS = {
     "connect", "reconnect", "start", "shutdown", "reboot", "cycle", "destroy", "pause",
     "resume", "hibernate", "migrate", "list", "vmm_list", "vmm_disable", "vmm_enable",
-    "vmm_remove", "image_list", "tasks", "wait",
+    "vmm_remove", "image_list", "tasks", "wait", "console",
 }
 BUILTINS = {"help", "history", "quit"}
 
