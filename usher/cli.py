@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--dir", required=True, help="directory of the site (kept across runs)")
     demo.add_argument("--lnms", type=int, default=3, help="number of node managers")
     demo.add_argument("--port", type=int, help="controller port (default: a free one)")
+    demo.add_argument("--hypervisor", choices=["fake", "qemu"], default="fake",
+                      help="fake hosts (default), or real guests on this machine's "
+                           "libvirtd (one VMM; the tiny test guest as image 'tiny')")
     args = p.parse_args(argv)
     try:
         if args.cmd == "demo":
@@ -27,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
             if not 1 <= args.lnms <= 64:
                 print("usher: --lnms must be 1 to 64", file=sys.stderr)
                 return 2
-            return run_demo(Path(args.dir), args.lnms, args.port)
+            return run_demo(Path(args.dir), args.lnms, args.port, args.hypervisor)
     except UsherError as exc:
         print(f"usher: {exc.message}", file=sys.stderr)
         return exc.exit_code

@@ -22,6 +22,7 @@ address is ``dns`` in ``demo.json``: ``dig @127.0.0.1 -p PORT NAME``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from usher.config import (
     ControllerConfig,
@@ -44,13 +46,14 @@ from usher.directory.client import Directory
 from usher.directory.layout import Layout
 from usher.directory.slapd import Slapd
 from usher.dns.named import free_port
-from usher.errors import Unavailable
+from usher.errors import ConfigError, Unavailable
 from usher.protocol.pki import SitePki, issue_host_cert_files
 
 SITE = "usher.test"
 USER = "seuss"
 HOST_SIZES = [(4, 8192), (8, 16384), (16, 32768), (2, 4096)]
 DEMO_RANGE = "10.87.0.0/16"
+QEMU_URI = "qemu:///system"
 
 
 def _free_port() -> int:
@@ -67,11 +70,15 @@ def _run(argv: list[str], stdin: str | None = None) -> None:
 
 class Demo:
     def __init__(self, directory: Path, lnms: int, port: int | None, *,
-                 addresses: bool = True) -> None:
+                 addresses: bool = True, hypervisor: str = "fake") -> None:
+        if hypervisor not in ("fake", "qemu"):
+            raise ConfigError(f"--hypervisor {hypervisor}: use fake or qemu")
         self.dir = directory.resolve()
-        self.lnms = lnms
+        # One libvirtd on this machine: with real guests the site has one VMM.
+        self.lnms = 1 if hypervisor == "qemu" else lnms
         self.port = port
         self.addresses = addresses
+        self.hypervisor = hypervisor
         self.procs: list[subprocess.Popen[bytes]] = []
         self.slapd: Slapd | None = None
 
@@ -105,6 +112,8 @@ class Demo:
         cfg = load_toml(ControllerConfig, config)
         pki = SitePki(ca_cert=Path(cfg.ca_cert), ca_key=Path(cfg.ca_key),
                           controller_cert=Path(cfg.cert), controller_key=Path(cfg.key))
+        if self.hypervisor == "qemu":
+            return self._qemu_site(cfg, config, pki, password, secret, directory)
         hosts = []
         for i in range(1, self.lnms + 1):
             name = f"vmm{i}.{SITE}"
@@ -125,6 +134,11 @@ class Demo:
             (hdir / "lnm.toml").write_text(to_toml(lcfg))
             hosts.append({"name": name, "cpus": cpus, "memory_mib": mem,
                           "uri": f"test://{hdir / 'host.xml'}", "config": str(hdir / "lnm.toml")})
+        return self._info(cfg, config, password, secret, directory, hosts)
+
+    def _info(self, cfg: ControllerConfig, config: Path, password: str, secret: Path,
+              directory: dict[str, str], hosts: list[dict[str, Any]]) -> dict[str, object]:
+        d = self.dir
         ush = UshConfig(controller=f"localhost:{cfg.listen_port}", ca_cert=cfg.ca_cert,
                         user=USER, password=password,
                         history_file=str(d / "ush_history"))
@@ -136,6 +150,7 @@ class Demo:
         tools_path.write_text(to_toml(ToolsConfig(ldap_url=cfg.ldap_url, site_domain=SITE,
                                                   cluster=f"{USER}.{SITE}", user=USER)))
         return {"site_domain": SITE, "user": USER, "user_domain": f"{USER}.{SITE}",
+                "hypervisor": self.hypervisor,
                 "directory": directory, "usertools_config": str(tools_path),
                 "password_file": str(secret), "ush_config": str(ush_path),
                 "controller": {"address": f"127.0.0.1:{cfg.listen_port}",
@@ -144,6 +159,56 @@ class Demo:
                 "dns": cfg.dns_listen if cfg.dns == "embedded" else None,
                 "hosts": hosts, "services": {"controller": f"127.0.0.1:{cfg.listen_port}",
                                              "ldap": cfg.ldap_url}}
+
+    def _qemu_site(self, cfg: ControllerConfig, config: Path, pki: SitePki, password: str,
+                   secret: Path, directory: dict[str, str]) -> dict[str, object]:
+        """One node manager on this machine's libvirtd, real guests, image ``tiny``.
+
+        Starts libvirtd if it is not running, builds (or finds) the tiny test
+        guest, gives VMs the isolated libvirt network ``usher-demo`` on the
+        demo's IP range (DHCP; nothing is forwarded off the machine) and
+        registers the guest's kernel and initrd as image ``tiny`` (again on
+        every run, so a rebuilt guest is picked up).
+        """
+        from usher.lnm.libvirtd import ensure_libvirtd
+        from usher.lnm.tinyguest import build_tiny_guest, unreachable_ancestor
+
+        ensure_libvirtd()
+        guest = build_tiny_guest()
+        network = ""
+        if self.addresses:
+            network = "usher-demo"
+            _ensure_network(network, DEMO_RANGE)
+        # qemu runs as libvirt-qemu: its disks must be reachable from /.
+        images = self.dir / "images"
+        if unreachable_ancestor(self.dir) is not None:
+            digest = hashlib.sha256(str(self.dir).encode()).hexdigest()[:12]
+            images = Path("/var/lib/usher/demo") / digest / "images"
+        py = sys.executable
+        ctl = [py, "-m", "usher.controller.cli", "--config", str(config), "image"]
+        with contextlib.suppress(Unavailable):
+            _run([*ctl, "del", "tiny"])
+        _run([*ctl, "add", "tiny", "--kernel", f"file://{guest.kernel}", "--initrd",
+              f"file://{guest.initrd}", "--cmdline", guest.cmdline,
+              "--description", "busybox test guest (serial console, httpd, ACPI)"])
+        name = f"vmm1.{SITE}"
+        hdir = self.dir / "hosts" / name
+        hdir.mkdir(parents=True, exist_ok=True)
+        cert, key = hdir / "host.crt", hdir / "host.key"
+        if not cert.exists():
+            cert, key = issue_host_cert_files(pki, name, hdir)
+        lcfg = LnmConfig(controller_host="127.0.0.1", controller_port=cfg.listen_port,
+                         controller_name="localhost", ca_cert=cfg.ca_cert, cert=str(cert),
+                         key=str(key), hostname=name, driver="libvirt", uri=QEMU_URI,
+                         backoff_max_s=5.0, image_dir=str(images), network=network,
+                         domain_type="auto")
+        (hdir / "lnm.toml").write_text(to_toml(lcfg))
+        hosts = [{"name": name, "uri": QEMU_URI, "config": str(hdir / "lnm.toml"),
+                  "image_dir": str(images)}]
+        info = self._info(cfg, config, password, secret, directory, hosts)
+        info["image"] = "tiny"
+        info["guest"] = {"marker": guest.marker, "heartbeat": guest.heartbeat}
+        return info
 
     def _directory(self, cfg: ControllerConfig, config: Path, password: str) -> dict[str, str]:
         """Start the site's slapd; make the demo user and the site admin Usher users."""
@@ -252,8 +317,34 @@ def _wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen[byte
     raise Unavailable(f"controller did not listen on {host}:{port} within {timeout:g} s")
 
 
-def run_demo(directory: Path, lnms: int, port: int | None = None) -> int:
-    demo = Demo(directory, lnms, port)
+def _ensure_network(name: str, cidr: str) -> None:
+    """An isolated libvirt network ``name`` serving DHCP on ``cidr``, defined and active."""
+    import libvirt
+
+    from usher.lnm.fakehost import network_xml
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        conn = libvirt.open(QEMU_URI)
+    except libvirt.libvirtError as exc:
+        raise Unavailable(f"cannot reach {QEMU_URI}: {exc}") from None
+    try:
+        try:
+            net = conn.networkLookupByName(name)
+        except libvirt.libvirtError:
+            net = conn.networkDefineXML(network_xml(name, cidr))
+        if not net.isActive():
+            net.create()
+        net.setAutostart(True)
+    except libvirt.libvirtError as exc:
+        raise Unavailable(f"cannot set up libvirt network {name}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def run_demo(directory: Path, lnms: int, port: int | None = None,
+             hypervisor: str = "fake") -> int:
+    demo = Demo(directory, lnms, port, hypervisor=hypervisor)
     stop = {"now": False}
 
     def on_signal(_signo: int, _frame: object) -> None:
@@ -264,9 +355,12 @@ def run_demo(directory: Path, lnms: int, port: int | None = None) -> int:
     try:
         info = demo.setup()
         demo.start(info)
-        print(f"usher demo site {SITE} is up: {lnms} VMMs, user {USER}\n"
+        print(f"usher demo site {SITE} is up: {demo.lnms} VMMs, user {USER}\n"
               f"  USH_CONFIG={info['ush_config']} ush\n"
               f"  details: {directory.resolve() / 'demo.json'}", flush=True)
+        if hypervisor == "qemu":
+            print(f"  try: USH_CONFIG={info['ush_config']} ush 'start t1 --image tiny' "
+                  f"'console t1 --tail 50'", flush=True)
         while not stop["now"]:
             for p in demo.procs:
                 if p.poll() is not None:

@@ -44,9 +44,10 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "c
 
 
 class Site:
-    def __init__(self, directory: Path, lnms: int = 2, **controller: Any) -> None:
+    def __init__(self, directory: Path, lnms: int = 2, *, hypervisor: str = "fake",
+                 **controller: Any) -> None:
         self.dir = directory
-        self.demo = Demo(directory, lnms, None)
+        self.demo = Demo(directory, lnms, None, hypervisor=hypervisor)
         self.info = self.demo.setup()
         cfg_path = Path(self.info["controller"]["config"])  # type: ignore[index]
         cfg = load_toml(ControllerConfig, cfg_path)
@@ -117,7 +118,19 @@ class Site:
             proc.kill()
             proc.wait(5)
 
+    def reload_controller(self) -> None:
+        """SIGHUP: the controller reads IP ranges and images again."""
+        assert self.controller is not None
+        self.controller.send_signal(signal.SIGHUP)
+
     def close(self) -> None:
+        if self.demo.hypervisor == "qemu" and self.controller is not None:
+            # Real guests outlive the site's processes: destroy what a test left.
+            with contextlib.suppress(Exception):
+                c = self.client()
+                names = [v.name + "." for v in c.list_vms(all_users=True)]
+                if names:
+                    c.wait_all(c.destroy(names, force=True), 30)
         for c in self._clients:
             with contextlib.suppress(Exception):
                 c.close()

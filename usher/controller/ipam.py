@@ -31,6 +31,7 @@ import logging
 import re
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import Table, delete, func, select
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+IP_INTERFACES = (ipaddress.IPv4Interface, ipaddress.IPv6Interface)
 
 _LEASES: Table = Lease.__table__  # type: ignore[assignment]
 _RANGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -248,13 +251,13 @@ class IpamProvider(Provider):
 
 
 # ---------------------------------------------------------- administration
-def host_networks() -> list[Network]:
-    """The subnets of this machine's own addresses, from ``ip -j addr``.
+def host_networks() -> list[Interface]:
+    """This machine's own addresses with their subnets, from ``ip -j addr``.
 
     iproute2's JSON output is stable and needs no extra dependency; a
     machine without it (or where it fails) reports nothing, with a warning.
     """
-    nets: list[Network] = []
+    nets: list[Interface] = []
     for family in ("-4", "-6"):
         try:
             out = subprocess.run(["ip", "-j", family, "addr"], capture_output=True, text=True,
@@ -266,15 +269,14 @@ def host_networks() -> list[Network]:
         for link in links:
             for info in link.get("addr_info", []):
                 try:
-                    nets.append(ipaddress.ip_network(f"{info['local']}/{info['prefixlen']}",
-                                                     strict=False))
+                    nets.append(ipaddress.ip_interface(f"{info['local']}/{info['prefixlen']}"))
                 except (KeyError, ValueError):
                     continue
     return nets
 
 
 def parse_range(name: str, cidr: str, gateway: str | None,
-                own: list[Network]) -> tuple[Network, Address | None]:
+                own: Sequence[Network | Interface]) -> tuple[Network, Address | None]:
     """Check a new range's name, CIDR and gateway; returns (network, gateway)."""
     if not _RANGE_NAME.match(name):
         raise InvalidOption(f"bad range name {name!r}: use lower-case letters, digits, "
@@ -283,10 +285,6 @@ def parse_range(name: str, cidr: str, gateway: str | None,
         net = ipaddress.ip_network(cidr, strict=True)
     except ValueError as exc:
         raise InvalidOption(f"bad CIDR {cidr!r}: {exc}") from None
-    for mine in own:
-        if mine.version == net.version and mine.overlaps(net):
-            raise Conflict(f"{net} overlaps {mine}, a subnet of this machine; "
-                           f"choose another range")
     if gateway is None:
         # By convention the first host address is the gateway.
         gw = ipaddress.ip_address(net.network_address + 1) if net.num_addresses > 2 else None
@@ -297,13 +295,23 @@ def parse_range(name: str, cidr: str, gateway: str | None,
             raise InvalidOption(f"bad gateway {gateway!r}: not an IP address") from None
         if gw not in net:
             raise InvalidOption(f"gateway {gw} is outside {net}")
+    for mine in own:
+        subnet = mine.network if isinstance(mine, IP_INTERFACES) else mine
+        if subnet.version != net.version or not subnet.overlaps(net):
+            continue
+        # The one overlap allowed: this machine is the range's own gateway on
+        # exactly that subnet (the VMs' bridge here, e.g. a libvirt network).
+        if isinstance(mine, IP_INTERFACES) and subnet == net and mine.ip == gw:
+            continue
+        raise Conflict(f"{net} overlaps {subnet}, a subnet of this machine; "
+                       f"choose another range")
     return net, gw
 
 
 def add_range(session: Session, name: str, cidr: str, *, gateway: str | None = None,
               vlan: int | None = None, default: bool = False, allow: list[str] | None = None,
               allow_groups: list[str] | None = None,
-              own: list[Network] | None = None) -> IpRange:
+              own: Sequence[Network | Interface] | None = None) -> IpRange:
     """Add a range (admin CLI); refuses overlaps with this machine and other ranges.
 
     ``allow`` names users (``*``: everyone), ``allow_groups`` site-cluster

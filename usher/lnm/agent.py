@@ -359,6 +359,7 @@ class NodeAgent:
                 d.undefine(uuid)
                 if self._images is not None or Path(self.config.image_dir).exists():
                     self.images.remove_overlay(uuid)  # the VM's disk; never a base
+                    (self.images.vm_dir / f"{uuid}.console.log").unlink(missing_ok=True)
                 return Empty()
             return undefine
         if op.name == "node.console":

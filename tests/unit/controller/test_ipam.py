@@ -169,3 +169,16 @@ def test_admin_add_list_delete_and_load(tmp_path: Path) -> None:
             db.run_sync(lambda s: ipam.delete_range(s, "lab"))
     finally:
         db.close()
+
+
+def test_overlap_with_this_machine_is_refused_unless_it_is_the_gateway() -> None:
+    lan = ipaddress.ip_interface("10.40.0.17/16")  # the machine's own LAN
+    bridge = ipaddress.ip_interface("10.87.0.1/16")  # the VMs' bridge, the range's gateway
+    with pytest.raises(Conflict, match="a subnet of this machine"):
+        ipam.parse_range("lab", "10.40.1.0/24", None, [lan])
+    assert ipam.parse_range("demo", "10.87.0.0/16", None, [lan, bridge])[0] == \
+        ipaddress.ip_network("10.87.0.0/16")
+    with pytest.raises(Conflict):  # the machine there, but not as the gateway
+        ipam.parse_range("demo", "10.87.0.0/16", "10.87.0.254", [bridge])
+    with pytest.raises(Conflict):  # a wider subnet that only contains it
+        ipam.parse_range("part", "10.87.4.0/24", None, [bridge])

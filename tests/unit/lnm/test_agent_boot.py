@@ -74,9 +74,11 @@ async def test_boot_artifacts_become_an_overlay_and_a_kernel_boot(
     assert f"<initrd>{base / sha(files['initrd'])}</initrd>" in xml
     assert ("<cmdline>console=ttyS0 usher.ip=10.87.0.7/16 usher.hostname=t1 "
             "usher.gw=10.87.0.1 ip=10.87.0.7::10.87.0.1:255.255.0.0:t1::off</cmdline>") in xml
+    (tmp_path / "images" / "vms" / f"{UUID}.console.log").write_text("booted\n")
     await agent._handle(None, OPS["node.undefine"], UuidArgs(uuid=UUID),
                         "r2")  # type: ignore[arg-type]
     assert not overlay.exists()
+    assert not (tmp_path / "images" / "vms" / f"{UUID}.console.log").exists()
     assert (base / sha(files["disk"])).exists()  # never the base
 
 
