@@ -251,6 +251,7 @@ def probe_kvm(guest: TinyGuest, *, timeout_s: float = 15.0, cpu: str | None = No
 
 
 _KVM_ERROR = re.compile(r"KVM internal error[^\n]*(?:\n[^\n]*emulation failure)?")
+_KVM_DETAIL = re.compile(r"KVM internal error[^\n]*\n[^\n]*emulation failure")
 
 
 def _boot_with_kvm(guest: TinyGuest, timeout_s: float, cpu: str | None,
@@ -267,6 +268,9 @@ def _boot_with_kvm(guest: TinyGuest, timeout_s: float, cpu: str | None,
     boot = DirectBoot(guest, accel="kvm", cpu=cpu, qemu=qemu)
     with boot:
         seen = boot.wait_for(outcome, timeout_s)
+        if seen == "kvm_error":
+            # qemu prints the error over several lines: give the rest a moment.
+            boot.wait_for(lambda _o, e: "ok" if _KVM_DETAIL.search(e) else None, 0.5)
         err = boot.errors()
         returncode = boot.returncode()
     if seen == "marker":
