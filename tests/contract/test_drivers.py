@@ -23,6 +23,7 @@ from usher.errors import (
     DomainNotFound,
     InvalidRequest,
     InvalidState,
+    MigrationUnsupported,
     NotConnected,
     TimedOut,
 )
@@ -222,6 +223,7 @@ VERBS: dict[str, Callable[[HypervisorDriver, str], object]] = {
     "pause": lambda d, u: d.pause(u),
     "resume": lambda d, u: d.resume(u),
     "hibernate": lambda d, u: d.hibernate(u),
+    "abort_migration": lambda d, u: d.abort_migration(u),
 }
 
 
@@ -231,7 +233,8 @@ def test_unknown_uuid_is_domain_not_found(driver: HypervisorDriver, verb: str) -
         VERBS[verb](driver, MISSING_UUID)
 
 
-@pytest.mark.parametrize("verb", ["define", "start", "list_domains", "host_facts"])
+@pytest.mark.parametrize("verb", ["define", "start", "list_domains", "host_facts",
+                                  "migrate_live", "abort_migration"])
 def test_closed_driver_is_not_connected(flavour: str, tmp_path: Path, verb: str) -> None:
     d = FLAVOURS[flavour](tmp_path)
     call: dict[str, Callable[[], object]] = {
@@ -239,6 +242,9 @@ def test_closed_driver_is_not_connected(flavour: str, tmp_path: Path, verb: str)
         "start": lambda: d.start(FOREIGN_UUID),
         "list_domains": d.list_domains,
         "host_facts": d.host_facts,
+        "migrate_live": lambda: d.migrate_live(FOREIGN_UUID, "qemu+tcp://h2/system",
+                                               timeout_s=1.0),
+        "abort_migration": lambda: d.abort_migration(FOREIGN_UUID),
     }
     with pytest.raises(NotConnected):
         call[verb]()
@@ -349,6 +355,36 @@ def test_undefine_of_a_missing_domain_succeeds(driver: HypervisorDriver) -> None
     uuid = driver.define(spec()).uuid
     driver.undefine(uuid)
     driver.undefine(uuid)
+
+
+# -- live migration ------------------------------------------------------------------
+# No flavour here can migrate (libvirt's test driver has no virDomainMigrate);
+# real migration between libvirtd hosts is tested in tests/e2e/realguest.
+
+
+@pytest.mark.parametrize("target", ["qemu+tcp://h2.usher.example.org/system", "test:///default"])
+def test_live_migration_unsupported_is_a_typed_error_and_changes_nothing(
+        driver: HypervisorDriver, target: str) -> None:
+    uuid = running(driver)
+    with pytest.raises(MigrationUnsupported) as caught:
+        driver.migrate_live(uuid, target, timeout_s=5.0, progress=lambda *_: None)
+    assert caught.value.code == "migration_unsupported"
+    assert "migrat" in caught.value.message
+    # Checked first: even an unknown domain gets the same answer.
+    with pytest.raises(MigrationUnsupported):
+        driver.migrate_live(MISSING_UUID, target, timeout_s=5.0)
+    assert driver.get_domain(uuid).state is DomainState.RUNNING
+    assert driver.get_domain(uuid).name == spec().name
+
+
+def test_abort_migration_without_a_migration_is_a_no_op(driver: HypervisorDriver) -> None:
+    uuid = running(driver)
+    driver.abort_migration(uuid)
+    driver.abort_migration(uuid)
+    stopped = driver.define(spec(2)).uuid
+    driver.abort_migration(stopped)
+    assert driver.get_domain(uuid).state is DomainState.RUNNING
+    assert driver.get_domain(stopped).state is DomainState.STOPPED
 
 
 def test_fake_guest_ignoring_acpi_times_out() -> None:
@@ -492,6 +528,25 @@ def test_libvirt_events_map_to_usher_states(event: int, detail: int, state: Doma
                                             reason: str) -> None:
     # Events the test driver cannot produce (crashes, guest shutdowns), mapped directly.
     assert lifecycle_event("u", "n", event, detail) == DomainEvent("u", "n", state, reason)
+
+
+def test_libvirt_events_of_a_migration_map_to_usher_states() -> None:
+    # As a real libvirtd emits them (tests/e2e/realguest has no event loop).
+    def ev(event: int, detail: int, arriving: bool = False) -> tuple[DomainState, str]:
+        e = lifecycle_event("u", "n", event, detail, arriving=arriving)
+        return e.state, e.reason
+
+    assert ev(libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED) \
+        == (DomainState.PAUSED, "suspended/migrated")
+    assert ev(libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED) \
+        == (DomainState.STOPPED, "stopped/migrated")
+    assert ev(libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_MIGRATED) \
+        == (DomainState.RUNNING, "started/migrated")
+    # Defined on the target after it started there: not a stopped domain.
+    assert ev(libvirt.VIR_DOMAIN_EVENT_DEFINED, libvirt.VIR_DOMAIN_EVENT_DEFINED_ADDED,
+              arriving=True) == (DomainState.UNKNOWN, "defined/added")
+    assert ev(libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_RESUMED_MIGRATED) \
+        == (DomainState.RUNNING, "resumed/migrated")
 
 
 def test_libvirt_driver_rejects_unknown_uris_and_mismatched_fake_hosts(tmp_path: Path) -> None:

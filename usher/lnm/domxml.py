@@ -165,6 +165,7 @@ class DomainXmlFacts:
     owner: str | None       # None: no usher metadata
     task_id: str | None
     ip: str | None = None   # the address usher leased it
+    kernel_boot: bool = False  # boots a kernel directly (its address is on the command line)
 
 
 def parse_domain_xml(xml: str) -> DomainXmlFacts:
@@ -194,6 +195,7 @@ def parse_domain_xml(xml: str) -> DomainXmlFacts:
         owner=vm.findtext(f"{{{USHER_NS}}}owner") if vm is not None else None,
         task_id=vm.findtext(f"{{{USHER_NS}}}task") if vm is not None else None,
         ip=vm.findtext(f"{{{USHER_NS}}}ip") if vm is not None else None,
+        kernel_boot=root.find("os/kernel") is not None,
     )
 
 

@@ -13,6 +13,14 @@ a changed file at the URL is caught, never used. A VM's disk is a qcow2 overlay
 file of its own is refused (no backing chains from outside). Destroying a VM
 deletes its overlay, never a base.
 
+Live migration without shared storage copies only the overlay's blocks
+(libvirt's incremental storage copy) into an empty overlay that the target
+made beforehand with :meth:`ImageStore.prepare_incoming`: on its own copy of
+the same base, of the source overlay's virtual size
+(:meth:`ImageStore.overlay_size`), at the same path. Every host of a site keeps
+its store under the same root, so the path and the base path recorded inside
+the overlay are the same everywhere.
+
 Everything here blocks (downloads, ``qemu-img``): the node manager calls it in
 its hypervisor thread, like the driver. Every download and command runs under
 a timeout, and downloads under a size limit.
@@ -35,7 +43,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from usher.errors import ConfigError, ImageError, InvalidRequest, NotFound, TimedOut
+from usher.errors import (
+    AlreadyExists,
+    ConfigError,
+    ImageError,
+    InvalidRequest,
+    NotFound,
+    TimedOut,
+)
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +233,62 @@ class ImageStore:
         finally:
             partial.unlink(missing_ok=True)
         return path
+
+    def prepare_incoming(self, vm_uuid: str, base: Path, base_format: str,
+                         size_bytes: int) -> Path:
+        """A new, empty overlay for a VM about to arrive here by live migration.
+
+        The incremental storage copy writes the source overlay's blocks into
+        this file, so it must be on this host's copy of the VM's base (``base``,
+        from :meth:`base`) and have the source overlay's virtual size
+        ``size_bytes`` (from :meth:`overlay_size` on the source).
+
+        Raises:
+            InvalidRequest: a format that is not pinnable, or a size that is
+                not positive.
+            AlreadyExists: this host already has an overlay for the VM: a VM
+                defined here, or what a failed migration left behind. A
+                leftover is never reused: blocks it holds that the source's
+                overlay does not would show through in the guest's disk. The
+                caller removes it (:meth:`remove_overlay`) once it knows that
+                no domain here uses it.
+            ImageError: qemu-img failed.
+        """
+        if base_format not in DISK_FORMATS:
+            raise InvalidRequest(f"image format {base_format!r} is not one of "
+                                 f"{', '.join(DISK_FORMATS)}")
+        if size_bytes <= 0:
+            raise InvalidRequest(f"disk size {size_bytes} is not positive")
+        path = self.overlay_path(vm_uuid)
+        if path.exists():
+            raise AlreadyExists(f"this host already has a disk for VM {vm_uuid} ({path})",
+                                details={"uuid": vm_uuid, "path": str(path)})
+        self.prepare()
+        partial = path.with_name(path.name + ".partial")
+        try:
+            self._qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", base_format,
+                           str(partial), str(size_bytes))
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        return path
+
+    def overlay_size(self, vm_uuid: str) -> int:
+        """The virtual size in bytes of the VM's overlay; readable while the VM runs.
+
+        Raises:
+            NotFound: the VM has no overlay here.
+            ImageError: qemu-img cannot read it.
+        """
+        path = self.overlay_path(vm_uuid)
+        if not path.exists():
+            raise NotFound(f"this host has no disk for VM {vm_uuid}", details={"uuid": vm_uuid})
+        # -U: the running QEMU holds the image's write lock; reading its header is safe.
+        out = self._qemu_img("info", "--output=json", "-U", "-f", "qcow2", str(path))
+        try:
+            return int(json.loads(out)["virtual-size"])
+        except (ValueError, KeyError, TypeError):
+            raise ImageError(f"qemu-img could not tell the size of {path}") from None
 
     def overlay_path(self, vm_uuid: str) -> Path:
         return self.vm_dir / f"{vm_uuid}.qcow2"

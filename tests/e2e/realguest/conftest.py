@@ -4,6 +4,9 @@ These tests boot one guest at a time (under TCG each guest takes a core) and
 stop everything they start. They skip only when a prerequisite that
 ``./scripts/setup`` cannot provide is missing: root, or access to a Debian
 mirror while no kernel package is cached yet.
+
+``libvirt_hosts`` gives several libvirtd hosts in network namespaces on one
+machine (see :mod:`tests.e2e.realguest.hosts`), for live migration.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from tests.e2e.realguest.hosts import HostCluster
 from usher.errors import Unavailable
 from usher.lnm.libvirtd import SYSTEM_URI, ensure_libvirtd, libvirtd_problem, stop_libvirtd
 from usher.lnm.tinyguest import DEFAULT_CACHE_DIR, TinyGuest, build_tiny_guest
@@ -59,3 +63,15 @@ def shared_tmp() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def libvirt_hosts(tiny_guest: TinyGuest) -> Iterator[HostCluster]:
+    """Three libvirtd hosts on one L2 segment, each in its own namespaces; all
+    removed afterwards, also when a test fails."""
+    missing = [tool for tool in ("ip", "nsenter", "unshare", "libvirtd", "virtlogd", "qemu-io")
+               if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)}: run ./scripts/setup")
+    with HostCluster(3) as cluster:
+        yield cluster

@@ -270,6 +270,8 @@ def test_addresses_become_dhcp_host_entries(tmp_path: Path) -> None:
         driver.define(addressed(2, "10.87.0.6"))
         driver.define(addressed(2, "10.87.0.6"))  # a retried define: no second entry
         driver.define(addressed(3, "192.168.50.7"))  # outside the network: left alone
+        for n in (1, 2, 3):  # the entry is written beside the boot, done when start is
+            driver.start(spec(n).uuid)
         assert dhcp_hosts(driver) == {(spec(1).mac, "10.87.0.5", "vm1"),
                                       (spec(2).mac, "10.87.0.6", "vm2")}
         driver.undefine(spec(1).uuid)
@@ -284,6 +286,20 @@ def test_addresses_become_dhcp_host_entries(tmp_path: Path) -> None:
         assert "<network><name>usher</name>" in path.read_text()  # kept in the file
     finally:
         again.close()
+
+
+def test_a_kernel_booted_directly_gets_its_address_on_the_command_line_only(
+        tmp_path: Path) -> None:
+    import dataclasses
+
+    driver = open_networked(tmp_path / "h.xml")
+    try:
+        booted = dataclasses.replace(addressed(1, "10.87.0.5"), kernel="/boot/vmlinuz")
+        driver.define(booted)
+        driver.start(booted.uuid)
+        assert dhcp_hosts(driver) == set()
+    finally:
+        driver.close()
 
 
 def test_no_such_network_is_not_an_error(tmp_path: Path) -> None:

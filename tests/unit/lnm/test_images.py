@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from usher.errors import ImageError, InvalidRequest, NotFound
+from usher.errors import AlreadyExists, ImageError, InvalidRequest, NotFound
 from usher.lnm.images import Artifact, ImageStore
 
 UUID = "6f1c5e2a-0d7b-4c1e-9a53-2b8e4f0c1d77"
@@ -123,3 +123,31 @@ def test_a_qcow2_with_its_own_backing_file_is_refused(store: ImageStore, qcow2: 
         store.base(Artifact(url=f"file://{chained}", sha256=sha(chained.read_bytes()),
                             format="qcow2"))
     assert list(store.base_dir.iterdir()) == []
+
+
+def test_incoming_overlay_is_fresh_on_this_hosts_base_with_the_sources_size(
+        store: ImageStore, qcow2: Path, tmp_path: Path) -> None:
+    art = Artifact(url=f"file://{qcow2}", sha256=sha(qcow2.read_bytes()), format="qcow2")
+    source = ImageStore(tmp_path / "source", fetch_timeout_s=5)
+    source.overlay(UUID, source.base(art), "qcow2")
+    size = source.overlay_size(UUID)
+    assert size == 16 << 20
+
+    base = store.base(art)
+    incoming = store.prepare_incoming(UUID, base, "qcow2", size)
+    assert incoming == store.overlay_path(UUID)
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(incoming)],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["virtual-size"] == size and info["backing-filename"] == str(base)
+    assert info["backing-filename-format"] == "qcow2"
+
+    # A leftover (a VM here, or a failed migration's) is never reused.
+    with pytest.raises(AlreadyExists):
+        store.prepare_incoming(UUID, base, "qcow2", size)
+    with pytest.raises(InvalidRequest):
+        store.prepare_incoming("other", base, "vmdk", size)
+    with pytest.raises(InvalidRequest):
+        store.prepare_incoming("other", base, "qcow2", 0)
+    with pytest.raises(NotFound):
+        store.overlay_size("other")
+    assert not store.overlay_path("other").exists()

@@ -18,8 +18,12 @@ Rules every driver follows:
   :class:`~usher.errors.DomainExists`, :class:`~usher.errors.InvalidState`
   (the verb does not fit the domain's state; ``details['state']`` names it),
   :class:`~usher.errors.TimedOut`, :class:`~usher.errors.NotConnected` (the
-  driver is not open) and :class:`~usher.errors.HypervisorError` for anything
-  else the hypervisor refuses.
+  driver is not open), :class:`~usher.errors.MigrationUnsupported` and
+  :class:`~usher.errors.HypervisorError` for anything else the hypervisor
+  refuses.
+* Live migration (:meth:`HypervisorDriver.migrate_live`) is the one verb that
+  runs for long; :meth:`HypervisorDriver.abort_migration` may be called from
+  another thread while it runs and never waits for it.
 """
 
 from __future__ import annotations
@@ -123,6 +127,25 @@ class DomainEvent:
 
 
 EventCallback = Callable[[DomainEvent], None]
+
+
+class MigrationPhase(enum.StrEnum):
+    """How far a live migration got; the values read well in error messages."""
+
+    CONNECT = "connect to target"       # reaching the target's hypervisor
+    PREPARE = "prepare"                 # checks on both sides, the target's empty domain
+    COPY_STORAGE = "copy storage"       # the disk's blocks (copy_storage only)
+    MIGRATE_MEMORY = "migrate memory"   # guest memory, the guest still running here
+    FINISH = "finish on target"         # guest stopped here, resumed there
+
+    @property
+    def order(self) -> int:
+        """Position in a migration: phases only move forward."""
+        return list(MigrationPhase).index(self)
+
+
+ProgressCallback = Callable[[MigrationPhase, float], None]
+"""``progress(phase, percent)`` during a live migration; percent of that phase, 0-100."""
 
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
@@ -327,6 +350,70 @@ class HypervisorDriver(abc.ABC):
         default). A fake host writes its host file. The node manager calls
         this once after each node call, before replying, so the changes of
         calls that ran together cost one write.
+        """
+
+    @abc.abstractmethod
+    def migrate_live(self, uuid: str, target_uri: str, *, migrate_uri: str | None = None,
+                     copy_storage: bool = True, tls: bool = False, timeout_s: float,
+                     progress: ProgressCallback | None = None) -> None:
+        """Move a running or paused domain to the hypervisor at ``target_uri`` without stopping it.
+
+        The source's hypervisor talks to the target itself (peer to peer):
+        ``target_uri`` must be reachable from this host, not only from the
+        caller, e.g. ``qemu+tls://vmm2.example.org/system``. ``migrate_uri``
+        chooses the address the data goes to (default: the target's choice).
+        With ``copy_storage`` the domain's disk is copied to the target
+        (incremental: only the overlay's blocks), which must already have the
+        same base and an empty overlay of the same virtual size at the same
+        path (:meth:`~usher.lnm.images.ImageStore.prepare_incoming`); without
+        it the disk must be on storage both hosts share. ``tls`` encrypts the
+        data (the target's certificate must match its name in ``target_uri``).
+
+        On success the domain runs (or stays paused) on the target with the
+        same UUID, name and usher metadata, and is defined there persistently;
+        it is gone from this host (its disk files stay: removing them is the
+        caller's business). The source emits ``PAUSED "suspended/migrated"``
+        then ``STOPPED "stopped/migrated"`` (and no "undefined/" event: after
+        "stopped/migrated" the domain does not exist here). The target's
+        driver emits ``RUNNING "started/migrated"``, ``UNKNOWN "defined/added"``
+        and then ``RUNNING "resumed/migrated"`` (a paused domain: its paused
+        state). On failure the domain keeps running here as before.
+
+        ``progress`` is called on the calling thread every time the phase or
+        its percentage moves; it must be quick, and an exception it raises is
+        logged and ignored. It is called with ``FINISH`` and 100 last on
+        success.
+
+        Raises:
+            MigrationUnsupported: this driver cannot migrate live
+                (``capabilities.live_migration`` is False); checked first,
+                right after the connection.
+            InvalidState: the domain is neither running nor paused (a stopped
+                domain moves cold, by its disk: the controller's business).
+            HostUnavailable: the target could not be reached, or the
+                connection to it broke; the message names the phase.
+            TimedOut: not done within ``timeout_s``. The migration was aborted
+                and the domain still runs here (``details['aborted']``); if the
+                abort could not take effect in time, ``details['aborted']`` is
+                False and the domain may yet end up on the target.
+            HypervisorError: the target or this hypervisor refused or failed
+                (``details['phase']`` names the :class:`MigrationPhase`, the
+                message names it too; ``details['aborted']`` is True when
+                :meth:`abort_migration` ended it).
+        """
+
+    @abc.abstractmethod
+    def abort_migration(self, uuid: str) -> None:
+        """Abort the domain's outgoing live migration; no migration running: no-op.
+
+        May be called from any thread while :meth:`migrate_live` runs (it does
+        not wait for it); that call then fails with HypervisorError
+        (``details['aborted']`` True) and the domain keeps running here. A
+        migration that is already finishing on the target cannot be aborted
+        and completes.
+
+        Raises:
+            DomainNotFound: no such domain.
         """
 
     @abc.abstractmethod

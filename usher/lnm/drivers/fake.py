@@ -9,6 +9,8 @@ What the fake models and libvirt's test driver cannot: a guest that ignores
 ACPI (:meth:`FakeDriver.ignore_acpi`), so that shutdown times out.
 What it does not model: time. Every verb completes at once, and a shutdown
 that would time out raises TimedOut at once instead of after ``timeout_s``.
+Nor other hosts: live migration raises MigrationUnsupported, as on libvirt's
+test driver.
 Events are delivered synchronously, on the calling thread, after the change
 and outside the driver's lock, so a callback may call back into the driver.
 """
@@ -21,7 +23,14 @@ import threading
 from collections.abc import Iterable
 from typing import ClassVar
 
-from usher.errors import DomainExists, DomainNotFound, HypervisorError, NotConnected, TimedOut
+from usher.errors import (
+    DomainExists,
+    DomainNotFound,
+    HypervisorError,
+    MigrationUnsupported,
+    NotConnected,
+    TimedOut,
+)
 from usher.lnm.drivers.base import (
     DomainEvent,
     DomainInfo,
@@ -31,6 +40,7 @@ from usher.lnm.drivers.base import (
     EventCallback,
     HostFacts,
     HypervisorDriver,
+    ProgressCallback,
     check_spec,
     invalid_state,
 )
@@ -202,6 +212,19 @@ class FakeDriver(HypervisorDriver):
             info = self._set(info, DomainState.HIBERNATED)
         self._emit(info, "stopped/saved")
         return info
+
+    def migrate_live(self, uuid: str, target_uri: str, *, migrate_uri: str | None = None,
+                     copy_storage: bool = True, tls: bool = False, timeout_s: float,
+                     progress: ProgressCallback | None = None) -> None:
+        """See :meth:`HypervisorDriver.migrate_live`: the fake host has no peers."""
+        self._check_open()
+        raise MigrationUnsupported("the fake host cannot migrate domains live",
+                                   details={"uuid": uuid, "target": target_uri})
+
+    def abort_migration(self, uuid: str) -> None:
+        """See :meth:`HypervisorDriver.abort_migration`: no migration ever runs."""
+        with self._lock:
+            self._get(uuid)
 
     def undefine(self, uuid: str) -> None:
         """See :meth:`HypervisorDriver.undefine`."""

@@ -17,6 +17,7 @@ domain RUNNING and produces no lifecycle event.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -37,6 +38,7 @@ from usher.errors import (
     DomainNotFound,
     HypervisorError,
     InvalidState,
+    MigrationUnsupported,
     NotConnected,
     TimedOut,
     UsherError,
@@ -51,14 +53,17 @@ from usher.lnm.drivers.base import (
     EventCallback,
     HostFacts,
     HypervisorDriver,
+    ProgressCallback,
     check_spec,
     invalid_state,
 )
+from usher.lnm.drivers.libvirt_migration import abort_outgoing, migration_flags, run_migration
 
 if TYPE_CHECKING:
     from usher.lnm.fakehost import FakeHost
 
 log = logging.getLogger(__name__)
+DHCP_UPDATE_TIMEOUT_S = 30.0
 
 # Shutdown polls the domain's state; start fast (the test driver and idle
 # guests stop at once), back off so a slow guest costs few calls.
@@ -143,13 +148,19 @@ _EVENTS: dict[int, tuple[str, DomainState, dict[int, str]]] = {
 }
 
 
-def lifecycle_event(uuid: str, name: str, event: int, detail: int) -> DomainEvent:
-    """The usher event for libvirt lifecycle ``event`` with ``detail``."""
+def lifecycle_event(uuid: str, name: str, event: int, detail: int, *,
+                    arriving: bool = False) -> DomainEvent:
+    """The usher event for libvirt lifecycle ``event`` with ``detail``.
+
+    ``arriving``: the domain is coming in by live migration (it started
+    "migrated" and has not run on its own yet).
+    """
     prefix, state, details = _EVENTS.get(event, ("event", DomainState.UNKNOWN, {}))
     detail_name = details.get(detail, str(detail))
-    if event == libvirt.VIR_DOMAIN_EVENT_DEFINED and detail_name == "added":
-        # A new definition is never running; a redefinition may be, so the
-        # receiver has to look (state stays UNKNOWN).
+    if event == libvirt.VIR_DOMAIN_EVENT_DEFINED and detail_name == "added" and not arriving:
+        # A new definition is never running; a redefinition may be, and so
+        # may a domain that arrives by migration (defined after it started
+        # here): then the receiver has to look (state stays UNKNOWN).
         state = DomainState.STOPPED
     elif event == libvirt.VIR_DOMAIN_EVENT_STOPPED and detail_name == "saved":
         state = DomainState.HIBERNATED
@@ -198,6 +209,10 @@ class LibvirtDriver(HypervisorDriver):
         self.uri = uri
         self.network = network
         self._dhcp: _Dhcp | None = None
+        # DHCP updates of a live network cost ~0.3 s (libvirt reloads dnsmasq):
+        # they run beside the boot, serialised by their own lock.
+        self._dhcp_lock = threading.RLock()
+        self._dhcp_jobs: dict[str, tuple[threading.Thread, list[BaseException]]] = {}
         self.domain_type = domain_type or domain_type_for_uri(uri)
         self.capabilities = capabilities_for_uri(uri)
         self._fake_host = fake_host
@@ -208,6 +223,7 @@ class LibvirtDriver(HypervisorDriver):
         self._conn: libvirt.virConnect | None = None
         self._event_cb: EventCallback | None = None
         self._callback_id: int | None = None
+        self._arriving: set[str] = set()  # domains coming in by migration (event thread only)
 
     # -- connection and events -------------------------------------------------
 
@@ -239,6 +255,8 @@ class LibvirtDriver(HypervisorDriver):
                     self.flush()
                 except UsherError:
                     log.exception("saving fake host %s failed", self.uri)
+            for uuid in list(self._dhcp_jobs):
+                self._dhcp_wait_quietly(uuid)
             conn, self._conn = self._conn, None
             self._dhcp = None
             if conn is None:
@@ -286,7 +304,17 @@ class LibvirtDriver(HypervisorDriver):
         if cb is None:
             return
         try:
-            cb(lifecycle_event(dom.UUIDString(), dom.name(), event, detail))
+            uuid = dom.UUIDString()
+            # An incoming migration starts the domain, then defines it
+            # (persistent on the target), then resumes it: its "defined/added"
+            # must not claim that it is stopped.
+            arriving = uuid in self._arriving
+            if event == libvirt.VIR_DOMAIN_EVENT_STARTED:
+                if detail == libvirt.VIR_DOMAIN_EVENT_STARTED_MIGRATED:
+                    self._arriving.add(uuid)
+            elif event != libvirt.VIR_DOMAIN_EVENT_DEFINED:
+                self._arriving.discard(uuid)
+            cb(lifecycle_event(uuid, dom.name(), event, detail, arriving=arriving))
         except Exception:
             log.exception("domain event callback failed for event %s/%s", event, detail)
 
@@ -340,9 +368,10 @@ class LibvirtDriver(HypervisorDriver):
                     dom = conn.defineXML(build_domain_xml(spec, self.domain_type,
                                                           network=self.network))
             # Also for a domain that exists: a retried define after a crash
-            # between the two steps still gets its address handed out.
-            if spec.ip is not None:
-                self._dhcp_add(spec.name, spec.mac, spec.ip)
+            # between the two steps still gets its address handed out. A
+            # kernel booted directly has it on its command line instead.
+            if spec.ip is not None and spec.kernel is None:
+                self._dhcp_add_soon(spec.uuid, spec.name, spec.mac, spec.ip)
             return self._info(dom)
 
     def start(self, uuid: str) -> DomainInfo:
@@ -357,6 +386,9 @@ class LibvirtDriver(HypervisorDriver):
                 raise invalid_state("start", uuid, dom.name(), state)
             with libvirt_errors(f"start {dom.name()}", uuid):
                 dom.create()
+            # The guest asks for its address seconds after create: the DHCP
+            # entry was being written meanwhile; a failure fails the start.
+            self._dhcp_wait(uuid)
             return self._info(dom)
 
     def shutdown(self, uuid: str, timeout_s: float) -> DomainInfo:
@@ -448,6 +480,56 @@ class LibvirtDriver(HypervisorDriver):
                 dom.managedSave(libvirt.VIR_DOMAIN_SAVE_RUNNING)
             return self._info(dom)
 
+    def migrate_live(self, uuid: str, target_uri: str, *, migrate_uri: str | None = None,
+                     copy_storage: bool = True, tls: bool = False, timeout_s: float,
+                     progress: ProgressCallback | None = None) -> None:
+        """See :meth:`HypervisorDriver.migrate_live`; the work is
+        :func:`~usher.lnm.drivers.libvirt_migration.run_migration`'s.
+
+        The driver's lock is held only to check the domain before and to tidy
+        up after (its DHCP host entry goes with it), not while data moves:
+        other domains' verbs and :meth:`abort_migration` go on meanwhile.
+        """
+        conn = self._connection()
+        if not self.capabilities.live_migration:
+            raise MigrationUnsupported(f"{self.uri} cannot migrate domains live",
+                                       details={"uuid": uuid, "target": target_uri})
+        with self._changing(uuid):
+            dom = self._lookup(uuid)
+            state = self._state(dom)
+            if state not in (DomainState.RUNNING, DomainState.PAUSED):
+                raise invalid_state("migrate", uuid, dom.name(), state)
+            with libvirt_errors(f"read {uuid}", uuid):
+                name = dom.name()
+                facts = parse_domain_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        params: dict[str, Any] = {}
+        if migrate_uri is not None:
+            params[libvirt.VIR_MIGRATE_PARAM_URI] = migrate_uri
+        try:
+            run_migration(dom, name=name, uuid=uuid, target_uri=target_uri, params=params,
+                          flags=migration_flags(copy_storage=copy_storage, tls=tls),
+                          timeout_s=timeout_s, progress=progress)
+        finally:
+            with self._lock:
+                self._dirty.add(uuid)  # a fake host's file follows libvirt, whatever happened
+        if facts.ip is not None and facts.mac is not None:
+            # The domain has moved whatever happens here: a stale entry is
+            # replaced when its address is handed out again, so log, don't fail.
+            try:
+                with self._lock:
+                    if self._conn is conn:
+                        self._dhcp_remove(facts.mac, facts.ip)
+            except UsherError:
+                log.exception("removing the DHCP entry of migrated %s failed", name)
+
+    def abort_migration(self, uuid: str) -> None:
+        """See :meth:`HypervisorDriver.abort_migration`. Takes no lock: it must
+        get through while :meth:`migrate_live` runs."""
+        dom = self._lookup(uuid)
+        if not self.capabilities.live_migration:
+            return  # nothing can be migrating
+        abort_outgoing(dom, dom.name())
+
     def undefine(self, uuid: str) -> None:
         """See :meth:`HypervisorDriver.undefine`."""
         with self._changing(uuid):
@@ -456,6 +538,8 @@ class LibvirtDriver(HypervisorDriver):
                 return
             with libvirt_errors(f"read {uuid}", uuid):
                 facts = parse_domain_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            with contextlib.suppress(UsherError):
+                self._dhcp_wait(uuid)  # an entry still being written: it goes next
             if facts.ip is not None and facts.mac is not None:
                 self._dhcp_remove(facts.mac, facts.ip)
             try:
@@ -518,7 +602,51 @@ class LibvirtDriver(HypervisorDriver):
                 flags |= libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE
             net.update(command, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, index, xml, flags)
 
+    def _dhcp_add_soon(self, uuid: str, name: str, mac: str, ip: str) -> None:
+        """Start writing the domain's DHCP entry in a thread; :meth:`_dhcp_wait` joins it."""
+        self._dhcp_wait_quietly(uuid)
+        errors: list[BaseException] = []
+
+        def job() -> None:
+            try:
+                self._dhcp_add(name, mac, ip)
+            except BaseException as exc:  # handed to whoever waits for the job
+                errors.append(exc)
+                log.warning("DHCP entry of %s: %s", name, exc)
+
+        thread = threading.Thread(target=job, name=f"usher-dhcp-{uuid[:8]}", daemon=True)
+        thread.start()
+        self._dhcp_jobs[uuid] = (thread, errors)
+
+    def _dhcp_wait(self, uuid: str) -> None:
+        """Wait for the domain's DHCP entry job, if any; raise what it raised.
+
+        Raises:
+            HypervisorError: the job failed or took longer than DHCP_UPDATE_TIMEOUT_S.
+        """
+        job = self._dhcp_jobs.pop(uuid, None)
+        if job is None:
+            return
+        thread, errors = job
+        thread.join(DHCP_UPDATE_TIMEOUT_S)
+        if thread.is_alive():
+            raise HypervisorError(f"the DHCP entry on network {self.network} was not written "
+                                  f"within {DHCP_UPDATE_TIMEOUT_S:g} s")
+        if errors:
+            error = errors[0]
+            if isinstance(error, UsherError):
+                raise error
+            raise HypervisorError(f"the DHCP entry on network {self.network} failed: {error}")
+
+    def _dhcp_wait_quietly(self, uuid: str) -> None:
+        with contextlib.suppress(UsherError):
+            self._dhcp_wait(uuid)
+
     def _dhcp_add(self, name: str, mac: str, ip: str) -> None:
+        with self._dhcp_lock:
+            self._dhcp_add_locked(name, mac, ip)
+
+    def _dhcp_add_locked(self, name: str, mac: str, ip: str) -> None:
         index = self._dhcp_section(ip)
         if index is None:
             return
@@ -536,6 +664,10 @@ class LibvirtDriver(HypervisorDriver):
         hosts.add((mac, ip))
 
     def _dhcp_remove(self, mac: str, ip: str) -> None:
+        with self._dhcp_lock:
+            self._dhcp_remove_locked(mac, ip)
+
+    def _dhcp_remove_locked(self, mac: str, ip: str) -> None:
         index = self._dhcp_section(ip)
         hosts = self._dhcp_state().hosts
         if index is None or (mac, ip) not in hosts:
@@ -554,7 +686,8 @@ class LibvirtDriver(HypervisorDriver):
         for dom in domains:
             with libvirt_errors("read domain"):
                 facts = parse_domain_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-            if facts.ip is not None and facts.mac is not None and facts.owner is not None:
+            if facts.ip is not None and facts.mac is not None and facts.owner is not None \
+                    and not facts.kernel_boot:
                 self._dhcp_add(facts.name, facts.mac, facts.ip)
 
     # -- helpers ---------------------------------------------------------------
