@@ -60,6 +60,12 @@ class ControllerConfig:
     max_ram_mib: int = _f(65536, "largest --ram a user may ask for")
     max_vcpus: int = _f(16, "largest --vcpus a user may ask for")
     reconcile_interval_s: float = _f(60.0, "compare every host's inventory this often")
+    stats_interval_s: float = _f(60.0, "ask every host for its VMs' resource counters this "
+                                 "often and store one sample per VM (0: no accounting)")
+    stats_keep: int = _f(1440, "samples kept per VM; older ones are dropped (1440 at 60 s: "
+                         "a day)")
+    stats_timeout_s: float = _f(20.0, "a host that takes longer to report its counters "
+                                "gives no samples that round")
     task_deadline_s: float = _f(300.0, "a task not finished by then ends in error")
     shutdown_timeout_s: float = _f(60.0, "graceful shutdown waits this long for the guest")
     batch_cap: int = _f(1000, "most VM names one command may expand to")
@@ -127,6 +133,12 @@ class LnmConfig:
     image_dir: str = _f("/var/lib/usher/images", "this host's image store: base images "
                         "and a disk overlay per VM (must be readable by the qemu user)")
     image_fetch_timeout_s: float = _f(600.0, "fetching one image that takes longer fails")
+    migration_uri: str = _f("", "libvirt URI at which other hosts' libvirtd reach this host's "
+                            "for live migration, e.g. qemu+tls://vmm2.example.org/system "
+                            "(empty: VMs cannot migrate live to this host)")
+    migration_address: str = _f("", "where migration data to this host goes, as a libvirt "
+                                "migrate URI such as tcp://10.0.0.2 (empty: libvirt's choice, "
+                                "qemu.conf migration_host)")
     backoff_initial_s: float = _f(0.2, "first reconnect delay")
     backoff_max_s: float = _f(30.0, "longest reconnect delay")
 

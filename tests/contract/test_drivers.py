@@ -9,6 +9,7 @@ LibvirtDriver on a FakeHost (which also rewrites its file after every change).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,18 @@ from usher.lnm.drivers.base import (
     DomainInfo,
     DomainSpec,
     DomainState,
+    DomainStats,
     HypervisorDriver,
 )
-from usher.lnm.drivers.fake import FakeDriver
-from usher.lnm.drivers.libvirt import LibvirtDriver, lifecycle_event
+from usher.lnm.drivers.fake import (
+    FAKE_CPU_LOAD,
+    FAKE_DISK_RD_BPS,
+    FAKE_DISK_WR_BPS,
+    FAKE_NET_RX_BPS,
+    FAKE_NET_TX_BPS,
+    FakeDriver,
+)
+from usher.lnm.drivers.libvirt import LibvirtDriver, lifecycle_event, stats_from_record
 from usher.lnm.fakehost import FakeHost
 
 CPUS = 4
@@ -387,6 +396,25 @@ def test_abort_migration_without_a_migration_is_a_no_op(driver: HypervisorDriver
     assert driver.get_domain(stopped).state is DomainState.STOPPED
 
 
+def test_moving_a_stopped_domain_is_unsupported_without_live_migration(
+        driver: HypervisorDriver) -> None:
+    stopped = driver.define(spec()).uuid
+    with pytest.raises(MigrationUnsupported) as caught:
+        driver.move_stopped(stopped, "qemu+tcp://h2.usher.example.org/system", timeout_s=5.0)
+    assert caught.value.code == "migration_unsupported"
+    assert driver.get_domain(stopped).state is DomainState.STOPPED
+
+
+def test_adopting_an_arrived_domain_returns_it_and_repeats(driver: HypervisorDriver) -> None:
+    # No domain arrives here (nothing can migrate): a defined one stands in.
+    uuid = running(driver, 1)
+    for _ in range(2):
+        info = driver.adopt_incoming(uuid)
+        assert (info.uuid, info.state, info.owner) == (uuid, DomainState.RUNNING, "alice")
+    with pytest.raises(DomainNotFound):
+        driver.adopt_incoming(MISSING_UUID)
+
+
 def test_fake_guest_ignoring_acpi_times_out() -> None:
     # Only the fake can model a guest that ignores ACPI (the test driver's
     # guests always obey), so this case is the fake's own.
@@ -398,6 +426,114 @@ def test_fake_guest_ignoring_acpi_times_out() -> None:
         d.shutdown(uuid, 0.1)
     assert d.get_domain(uuid).state is DomainState.RUNNING
     assert d.power_off(uuid).state is DomainState.STOPPED
+
+
+# -- resource counters ---------------------------------------------------------------
+
+COUNTERS = ("cpu_ns", "disk_rd_bytes", "disk_wr_bytes", "net_rx_bytes", "net_tx_bytes")
+
+
+def stats_of(driver: HypervisorDriver, uuid: str) -> DomainStats:
+    [stats] = driver.domain_stats([uuid])
+    assert stats.uuid == uuid
+    return stats
+
+
+def test_domain_stats_of_a_running_domain_grow(driver: HypervisorDriver) -> None:
+    uuid = running(driver)
+    first = stats_of(driver, uuid)
+    assert first.memory_kib == 256 * 1024
+    assert first.rss_kib is None or 0 < first.rss_kib <= 2 * first.memory_kib
+    time.sleep(0.02)
+    second = stats_of(driver, uuid)
+    assert second.cpu_ns > first.cpu_ns > 0  # one vCPU kept a little busy meanwhile
+    for counter in COUNTERS:
+        assert getattr(second, counter) >= getattr(first, counter) >= 0, counter
+    assert second.net_rx_bytes > 0 and second.net_tx_bytes > 0  # it has an interface
+
+
+def test_domain_stats_of_inactive_domains_are_zero(driver: HypervisorDriver) -> None:
+    defined = driver.define(spec(1)).uuid
+    stopped = running(driver, 2)
+    driver.power_off(stopped)
+    hibernated = running(driver, 3)
+    driver.hibernate(hibernated)
+    for uuid in (defined, stopped, hibernated):
+        assert stats_of(driver, uuid) == DomainStats(uuid=uuid)
+
+
+def test_domain_stats_of_a_paused_domain_keep_its_memory(driver: HypervisorDriver) -> None:
+    uuid = running(driver)
+    driver.pause(uuid)
+    paused = stats_of(driver, uuid)
+    assert paused.memory_kib == 256 * 1024 and paused.cpu_ns > 0
+    driver.resume(uuid)
+    assert stats_of(driver, uuid).cpu_ns >= paused.cpu_ns
+
+
+def test_domain_stats_cover_every_domain_or_the_ones_asked_for(
+        driver: HypervisorDriver) -> None:
+    ours = running(driver, 1)
+    stopped = driver.define(spec(2)).uuid
+    every = {s.uuid: s for s in driver.domain_stats()}
+    assert set(every) == {FOREIGN_UUID, ours, stopped}
+    assert every[FOREIGN_UUID].memory_kib == 128 * 1024  # usher's or not
+    asked = driver.domain_stats([ours, MISSING_UUID, ours])
+    assert [s.uuid for s in asked] == [ours]  # a missing domain is left out, no error
+    assert driver.domain_stats([]) == []
+    assert driver.domain_stats(iter([stopped])) == [DomainStats(uuid=stopped)]
+
+
+def test_domain_stats_of_a_closed_driver_is_not_connected(flavour: str,
+                                                          tmp_path: Path) -> None:
+    d = FLAVOURS[flavour](tmp_path)
+    with pytest.raises(NotConnected):
+        d.domain_stats()
+
+
+def test_fake_counters_follow_its_clock() -> None:
+    # The fake's counters are exact functions of the time it ran: a clock
+    # the test moves shows pause, resume and a fresh boot precisely.
+    now = [100.0]
+    d = FakeDriver(clock=lambda: now[0])
+    d.open()
+    uuid = d.define(spec(vcpus=2)).uuid
+    d.start(uuid)
+    now[0] += 10
+    s = stats_of(d, uuid)
+    assert s.cpu_ns == int(10 * 1e9 * FAKE_CPU_LOAD * 2)
+    assert (s.disk_rd_bytes, s.disk_wr_bytes, s.net_rx_bytes, s.net_tx_bytes) == (
+        10 * FAKE_DISK_RD_BPS, 10 * FAKE_DISK_WR_BPS, 10 * FAKE_NET_RX_BPS,
+        10 * FAKE_NET_TX_BPS)
+    d.pause(uuid)
+    now[0] += 50
+    assert stats_of(d, uuid) == s  # paused: nothing moves
+    d.resume(uuid)
+    now[0] += 10
+    assert stats_of(d, uuid).cpu_ns == 2 * s.cpu_ns
+    d.power_off(uuid)
+    assert stats_of(d, uuid) == DomainStats(uuid=uuid)
+    d.start(uuid)
+    now[0] += 1
+    assert stats_of(d, uuid).cpu_ns == s.cpu_ns // 10  # a new boot starts from zero
+
+
+def test_libvirt_stats_records_are_summed_over_disks_and_interfaces() -> None:
+    # The shape qemu:///system returns (libvirt's test driver returns the
+    # state only, so the driver reads those domains one call at a time).
+    record = {
+        "state.state": 1, "state.reason": 1, "cpu.time": 5_000_000_000,
+        "balloon.current": 262144, "balloon.maximum": 262144, "balloon.rss": 180000,
+        "net.count": 2, "net.0.name": "vnet0", "net.0.rx.bytes": 100, "net.0.tx.bytes": 7,
+        "net.1.name": "vnet1", "net.1.rx.bytes": 20, "net.1.tx.bytes": 3,
+        "block.count": 2, "block.0.name": "vda", "block.0.rd.bytes": 4096,
+        "block.0.wr.bytes": 512, "block.1.name": "sda",  # an empty CD-ROM: no counts
+    }
+    assert stats_from_record("u", record) == DomainStats(
+        uuid="u", cpu_ns=5_000_000_000, memory_kib=262144, rss_kib=180000,
+        disk_rd_bytes=4096, disk_wr_bytes=512, net_rx_bytes=120, net_tx_bytes=10)
+    older = {"state.state": 1, "cpu.time": 1, "balloon.current": 1024}
+    assert stats_from_record("u", older) == DomainStats(uuid="u", cpu_ns=1, memory_kib=1024)
 
 
 # -- events --------------------------------------------------------------------------

@@ -40,3 +40,66 @@ async def test_console_tail_comes_from_the_vms_host(controller: RunningControlle
     finally:
         await client.close()
         await other.close()
+
+
+async def test_an_attached_console_relays_both_ways_and_belongs_to_its_connection(
+        controller: RunningController) -> None:
+    import asyncio
+
+    await controller.start_node("h1.usher.test")
+    client = await _client(controller)
+    intruder = await _client(controller)  # same user, another connection
+    got: list[bytes] = []
+    ended: list[str] = []
+    try:
+        await client.wait_all(await client.start(["tty"], ram=64), 5)
+        session = await client.console_open("tty", got.append, ended.append)
+        assert session.name == "tty.seuss.usher.test"
+
+        async def seen(text: bytes) -> None:
+            for _ in range(100):
+                if text in b"".join(got):
+                    return
+                await asyncio.sleep(0.02)
+            raise AssertionError(f"{text!r} not in {b''.join(got)!r}")
+
+        await seen(b"[fake console of tty.seuss.usher.test]")  # the banner came first
+        await session.write(b"hello\r")
+        await seen(b"hello\r\n")  # echoed by the fake guest's line
+        from usher.errors import NotFound
+        from usher.protocol.ops import ConsoleInputArgs
+        with pytest.raises(NotFound, match="no console session"):
+            await intruder._call("vm.console_input",
+                                 ConsoleInputArgs(session=session.id, data=b"x"))
+        # The guest stops: the session ends with the reason.
+        await client.wait_all(await client.shutdown(["tty"]), 5)
+        for _ in range(100):
+            if ended:
+                break
+            await asyncio.sleep(0.02)
+        assert ended and "stopped" in ended[0]
+        with pytest.raises(NotFound):
+            await session.write(b"late")
+        # A stopped VM has no console to attach to.
+        from usher.errors import InvalidState
+        with pytest.raises(InvalidState):
+            await client.console_open("tty", got.append, ended.append)
+    finally:
+        await client.close()
+        await intruder.close()
+
+
+async def test_closing_the_connection_detaches_on_the_node(controller: RunningController) -> None:
+    import asyncio
+
+    agent = await controller.start_node("h1.usher.test")
+    client = await _client(controller)
+    await client.wait_all(await client.start(["tty2"], ram=64), 5)
+    await client.console_open("tty2", lambda _d: None, lambda _r: None)
+    assert len(agent._consoles) == 1
+    await client.close()
+    for _ in range(100):
+        if not agent._consoles:
+            break
+        await asyncio.sleep(0.02)
+    assert agent._consoles == {}

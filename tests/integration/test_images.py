@@ -33,7 +33,14 @@ from usher.controller import auth, images, ipam
 from usher.controller.images import decode_boot
 from usher.controller.models import Image, Lease, Vm
 from usher.controller.state import BootRecord
-from usher.errors import ImageNotFound, InvalidOption, PermissionDenied, UsherError
+from usher.errors import (
+    ImageNotFound,
+    InvalidOption,
+    InvalidState,
+    MigrationUnsupported,
+    PermissionDenied,
+    UsherError,
+)
 from usher.protocol.ops import ArtifactMsg, BootMsg
 
 ADMIN = "ops"
@@ -210,6 +217,27 @@ async def test_disks_get_an_overlay_per_vm(site: RunningController, seuss: Async
     await seuss.wait_all(await seuss.destroy(["d1"]), 10)
     assert f"{vms['d1'].uuid}.qcow2" not in {p.name for p in (store / "vms").iterdir()}
     assert _bases(site) == {files.disk.sha256}  # destroy never deletes a base
+
+
+@needs_qemu_img
+async def test_a_disk_never_stays_behind_on_hosts_without_live_migration(
+        site: RunningController, seuss: AsyncClient) -> None:
+    # The fake driver cannot migrate live, so it cannot move a disk either:
+    # a cold move would boot the VM on an empty disk and delete its own.
+    await seuss.wait_all(await seuss.start(["d1"], ram=64, image="plain"), 10)
+    [vm] = await seuss.list_vms(["d1"])
+    other = "h2.usher.test"
+    await site.start_node(other)
+    with pytest.raises(MigrationUnsupported, match=f"cannot move the disk of a running VM "
+                                                   f"from {HOST} to {other}: VMM {HOST} "
+                                                   f"cannot migrate live"):
+        await seuss.migrate(["d1"], vmm=other)
+    [after] = await seuss.list_vms(["d1"])
+    assert (after.host, after.state) == (HOST, "running")
+    assert (site.image_dir(HOST) / "vms" / f"{vm.uuid}.qcow2").exists()
+    assert not (site.image_dir(other) / "vms").exists()
+    with pytest.raises(InvalidState, match="d1 is not migrating"):
+        await seuss.abort_migration(["d1"])
 
 
 async def test_everyone_lists_images_without_urls(site: RunningController,

@@ -15,10 +15,24 @@ idempotency key) and replay task completions missed while disconnected. See
 Errors are :class:`usher.errors.UsherError` subclasses only.
 """
 
-from usher.client.async_client import TERMINAL_STATES, AsyncClient, ConnectionState, task_ended
-from usher.client.sync_client import Client
+from usher.client.async_client import (
+    TERMINAL_STATES,
+    AsyncClient,
+    ConnectionState,
+    ConsoleSession,
+    task_ended,
+)
+from usher.client.sync_client import Client, SyncConsole
 from usher.protocol.backoff import Backoff
-from usher.protocol.ops import HostInfo, ImageInfo, TaskInfo, VmInfo, VmStateMsg, WhoAmI
+from usher.protocol.ops import (
+    HostInfo,
+    ImageInfo,
+    TaskInfo,
+    VmInfo,
+    VmStateMsg,
+    VmStats,
+    WhoAmI,
+)
 
 __all__ = [
     "TERMINAL_STATES",
@@ -26,11 +40,14 @@ __all__ = [
     "Backoff",
     "Client",
     "ConnectionState",
+    "ConsoleSession",
     "HostInfo",
     "ImageInfo",
+    "SyncConsole",
     "TaskInfo",
     "VmInfo",
     "VmStateMsg",
+    "VmStats",
     "WhoAmI",
     "task_ended",
 ]

@@ -52,9 +52,14 @@ from usher.protocol.backoff import Backoff
 from usher.protocol.connection import Connection, dial
 from usher.protocol.frames import PROTOCOL_VERSIONS, Hello
 from usher.protocol.ops import (
+    MAX_CONSOLE_INPUT,
     OPS,
     Accepted,
     CompleteArgs,
+    ConsoleCloseArgs,
+    ConsoleDataMsg,
+    ConsoleInputArgs,
+    ConsoleSessionMsg,
     ConsoleText,
     Empty,
     HostArgs,
@@ -68,9 +73,12 @@ from usher.protocol.ops import (
     TaskListArgs,
     TaskWaitArgs,
     VmConsoleArgs,
+    VmConsoleOpenArgs,
     VmInfo,
     VmOpArgs,
     VmStateMsg,
+    VmStats,
+    VmStatsArgs,
     WhoAmI,
 )
 from usher.protocol.tls import client_context, require_role
@@ -176,6 +184,9 @@ class AsyncClient:
         self._failure: UsherError | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self._known: OrderedDict[str, TaskInfo] = OrderedDict()
+        self._consoles: dict[str, ConsoleSession] = {}
+        # Output can arrive before console_open's reply: kept (bounded) until then.
+        self._console_early: OrderedDict[str, list[ConsoleDataMsg]] = OrderedDict()
         self._waiters: dict[str, list[asyncio.Future[TaskInfo]]] = {}
         self._reapers: set[asyncio.Task[None]] = set()
 
@@ -252,6 +263,7 @@ class AsyncClient:
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.close("client closed")
+        self._end_consoles("the client was closed")
         if self._reapers:
             await asyncio.gather(*self._reapers, return_exceptions=True)
         err = NotConnected("the client was closed")
@@ -316,6 +328,7 @@ class AsyncClient:
         self._reapers.add(reaper)
         reaper.add_done_callback(self._reapers.discard)
         reason = conn.close_reason or "connection closed"
+        self._end_consoles(f"connection lost ({reason})")
         self._emit("disconnected", reason)
         if not self._auto_reconnect:
             self._failure = NotConnected(f"connection to {self.address} lost: {reason}")
@@ -434,6 +447,9 @@ class AsyncClient:
 
     # ----------------------------------------------------------------- tasks
     def _on_push(self, conn: Connection, topic: str, body: Any) -> None:
+        if topic == "console":
+            self._console_output(body)
+            return
         if topic == "task":
             self._observe(body)
         elif topic == "vm" and self.on_vm is not None:
@@ -626,6 +642,11 @@ class AsyncClient:
         args = MigrateArgs(names=list(names), vmm=vmm)
         return self._accepted(await self._call("vm.migrate", args, request_id=request_id))
 
+    async def abort_migration(self, names: Sequence[str], *,
+                              request_id: str | None = None) -> list[TaskInfo]:
+        """Abort the running migrations of VMs; returns their migrate tasks (which fail)."""
+        return await self._vm_op("vm.migrate_abort", names, request_id)
+
     async def host_disable(self, name: str, *, request_id: str | None = None) -> HostInfo:
         """Stop placing new VMs on a host (site admin)."""
         result: HostInfo = await self._call("host.disable", HostArgs(name=name),
@@ -644,6 +665,45 @@ class AsyncClient:
                                             request_id=request_id)
         return result
 
+    # -------------------------------------------------------------- consoles
+    async def console_open(self, name: str, on_data: Callable[[bytes], None],
+                           on_end: Callable[[str], None]) -> ConsoleSession:
+        """Attach to VM ``name``'s serial console.
+
+        ``on_data(bytes)`` gets its output and ``on_end(reason)`` is called once
+        when the session ends by itself (the guest stopped, the connection
+        broke); both run on the event loop. Detach with
+        :meth:`ConsoleSession.close`. A session lives on one connection: an
+        automatic reconnect does not carry it over (``on_end`` says so).
+        """
+        reply: ConsoleSessionMsg = await self._call("vm.console_open",
+                                                    VmConsoleOpenArgs(name=name))
+        session = ConsoleSession(self, reply.session, reply.name, on_data, on_end)
+        self._consoles[reply.session] = session
+        for msg in self._console_early.pop(reply.session, []):
+            self._console_output(msg)
+        return session
+
+    def _console_output(self, msg: ConsoleDataMsg) -> None:
+        session = self._consoles.get(msg.session)
+        if session is None:
+            early = self._console_early.setdefault(msg.session, [])
+            if len(early) < 256:
+                early.append(msg)
+            while len(self._console_early) > 16:
+                self._console_early.popitem(last=False)
+            return
+        if msg.data:
+            session._deliver(msg.data)
+        if msg.eof:
+            self._consoles.pop(msg.session, None)
+            session._ended(msg.reason or "the console closed")
+
+    def _end_consoles(self, reason: str) -> None:
+        consoles, self._consoles = self._consoles, {}
+        for session in consoles.values():
+            session._ended(reason)
+
     # ---------------------------------------------------------------- reads
     async def console_tail(self, name: str, lines: int = 50) -> str:
         """The last ``lines`` lines VM ``name`` printed on its serial console."""
@@ -656,6 +716,18 @@ class AsyncClient:
         """VMs the caller may see, optionally only those matching ``names``."""
         result: list[VmInfo] = await self._call(
             "vm.list", ListArgs(names=list(names), all_users=all_users))
+        return result
+
+    async def vm_stats(self, names: Iterable[str] = (), *, samples: int | None = None,
+                       all_users: bool = False) -> list[VmStats]:
+        """Recent resource samples of VMs (as :meth:`list_vms` selects them), oldest
+        first, with their rates over the last interval and over the samples.
+
+        ``samples`` per VM: 1 to the site's ``stats_keep``; None: the newest
+        :data:`~usher.protocol.ops.DEFAULT_STATS_SAMPLES` (or all the site keeps).
+        """
+        result: list[VmStats] = await self._call(
+            "vm.stats", VmStatsArgs(names=list(names), all_users=all_users, samples=samples))
         return result
 
     async def list_hosts(self) -> list[HostInfo]:
@@ -692,3 +764,46 @@ class AsyncClient:
                                              CompleteArgs(kind=kind, prefix=prefix),
                                              wait_connected=False)
         return result
+
+
+class ConsoleSession:
+    """An attached serial console (see :meth:`AsyncClient.console_open`)."""
+
+    def __init__(self, client: AsyncClient, session: str, name: str,
+                 on_data: Callable[[bytes], None], on_end: Callable[[str], None]) -> None:
+        self.client = client
+        self.id = session
+        self.name = name  # the VM's FQDN
+        self._on_data = on_data
+        self._on_end = on_end
+        self.ended: str | None = None  # why it ended, once it has
+
+    async def write(self, data: bytes) -> None:
+        """Send keystrokes (split into pieces the protocol takes)."""
+        for start in range(0, len(data), MAX_CONSOLE_INPUT):
+            await self.client._call("vm.console_input", ConsoleInputArgs(
+                session=self.id, data=data[start:start + MAX_CONSOLE_INPUT]))
+
+    async def close(self) -> None:
+        """Detach; idempotent."""
+        if self.ended is not None:
+            return
+        self.ended = "detached"
+        self.client._consoles.pop(self.id, None)
+        with contextlib.suppress(UsherError):
+            await self.client._call("vm.console_close", ConsoleCloseArgs(session=self.id))
+
+    def _deliver(self, data: bytes) -> None:
+        try:
+            self._on_data(data)
+        except Exception:
+            log.exception("console on_data callback failed")
+
+    def _ended(self, reason: str) -> None:
+        if self.ended is not None:
+            return
+        self.ended = reason
+        try:
+            self._on_end(reason)
+        except Exception:
+            log.exception("console on_end callback failed")

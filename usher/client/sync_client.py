@@ -16,18 +16,26 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from usher.client.async_client import (
     AsyncClient,
     ConnectionCallback,
+    ConsoleSession,
     TaskCallback,
     VmCallback,
 )
 from usher.errors import NotConnected, TimedOut
-from usher.protocol.ops import HostInfo, ImageInfo, TaskInfo, VmInfo, WhoAmI
+from usher.protocol.ops import (
+    HostInfo,
+    ImageInfo,
+    TaskInfo,
+    VmInfo,
+    VmStats,
+    WhoAmI,
+)
 
 __all__ = ["Client"]
 
@@ -203,6 +211,10 @@ class Client:
                 request_id: str | None = None) -> list[TaskInfo]:
         return self._run(self._aio.migrate(names, vmm=vmm, request_id=request_id))
 
+    def abort_migration(self, names: Sequence[str], *,
+                        request_id: str | None = None) -> list[TaskInfo]:
+        return self._run(self._aio.abort_migration(names, request_id=request_id))
+
     def host_disable(self, name: str, *, request_id: str | None = None) -> HostInfo:
         return self._run(self._aio.host_disable(name, request_id=request_id))
 
@@ -216,8 +228,17 @@ class Client:
     def console_tail(self, name: str, lines: int = 50) -> str:
         return self._run(self._aio.console_tail(name, lines))
 
+    def console_open(self, name: str, on_data: Callable[[bytes], None],
+                     on_end: Callable[[str], None]) -> SyncConsole:
+        """As :meth:`AsyncClient.console_open`; the callbacks run on the client's thread."""
+        return SyncConsole(self, self._run(self._aio.console_open(name, on_data, on_end)))
+
     def list_vms(self, names: Iterable[str] = (), *, all_users: bool = False) -> list[VmInfo]:
         return self._run(self._aio.list_vms(names, all_users=all_users))
+
+    def vm_stats(self, names: Iterable[str] = (), *, samples: int | None = None,
+                 all_users: bool = False) -> list[VmStats]:
+        return self._run(self._aio.vm_stats(names, samples=samples, all_users=all_users))
 
     def list_hosts(self) -> list[HostInfo]:
         return self._run(self._aio.list_hosts())
@@ -242,3 +263,22 @@ class Client:
                  timeout: float | None = None) -> list[str]:
         """Names for tab completion; ``timeout`` bounds the wait (TimedOut)."""
         return self._run(self._aio.complete(kind, prefix), timeout)
+
+
+class SyncConsole:
+    """The blocking twin of :class:`~usher.client.async_client.ConsoleSession`."""
+
+    def __init__(self, client: Client, session: ConsoleSession) -> None:
+        self._client = client
+        self.session = session
+        self.name = session.name
+
+    @property
+    def ended(self) -> str | None:
+        return self.session.ended
+
+    def write(self, data: bytes) -> None:
+        self._client._run(self.session.write(data))
+
+    def close(self) -> None:
+        self._client._run(self.session.close())

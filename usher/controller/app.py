@@ -33,6 +33,7 @@ from usher.controller.providers import PlacementProvider, ProviderChain
 from usher.controller.server import ControllerServer
 from usher.controller.service import VmService
 from usher.controller.state import HostRec, Registry, TaskRec, VmRec
+from usher.controller.stats import StatsCollector
 from usher.dns import (
     DnsBackend,
     EmbeddedBackend,
@@ -100,6 +101,10 @@ class Controller:
                                  sessions=Sessions(), ipam=self.ipam)
         self.vms = VmService(ctx)
         self.hosts = HostService(ctx, self.vms)
+        # A provider that reserves nothing (its place in the chain does not
+        # matter): its samples go with a destroyed VM.
+        ctx.stats = stats = StatsCollector(ctx)
+        ctx.providers.providers.append(stats)
         self.dns_server: EmbeddedDns | None = None
         await db.run(self._load)
         await db.run(self.vms.load_replies)
@@ -130,7 +135,8 @@ class Controller:
         for name in reg.hosts:  # known from before: trusted again only when they register
             self.hosts.expect_back(name)
         self._tasks += [asyncio.create_task(self._sweep_deadlines()),
-                        asyncio.create_task(self._reconcile_periodically())]
+                        asyncio.create_task(self._reconcile_periodically()),
+                        asyncio.create_task(stats.run())]
         ctx.fire("ctrl_start", subject=cfg.site_domain)
         log.info("controller for %s listening on %s:%d (%d VMs, %d hosts, %d open tasks)",
                  cfg.site_domain, *self.address, len(reg.vms), len(reg.hosts),

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from usher.controller.directory import DirectoryLink
     from usher.controller.dns import DnsProvider
     from usher.controller.ipam import IpamProvider
+    from usher.controller.stats import StatsCollector
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ class Context:
     dns: DnsProvider | None = None  # the dns provider, when configured
     ipam: IpamProvider | None = None
     images: ImageCatalog = field(default_factory=ImageCatalog)  # the registered images
+    stats: StatsCollector | None = None  # accounting: the VMs' resource samples
 
     def db_background(self, job: Callable[[Session], Any]) -> None:
         """Journal ``job`` without waiting for it (state seen by events); failures log."""

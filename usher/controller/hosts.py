@@ -71,6 +71,8 @@ class HostService:
                                                        facts.memory_mib)
         host.live_migration, host.managed_save = facts.live_migration, facts.managed_save
         host.vlans = sorted(set(facts.vlans))
+        host.migration_uri, host.migration_address = (facts.migration_uri,
+                                                      facts.migration_address)
         host.state = "disabled" if host.disabled else "up"
         host.last_seen = now
         host.connected = True

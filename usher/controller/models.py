@@ -9,6 +9,7 @@ agree.
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -201,4 +202,29 @@ class Event(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
 
 
+class VmStat(Base):
+    """One sample of a VM's resource counters (accounting, issue 5).
+
+    The counters are cumulative since the VM's current boot, as its host
+    reports them. At most ``stats_keep`` rows per VM, the oldest dropped as
+    new ones come; the rows go with the VM when it is destroyed.
+    """
+
+    __tablename__ = "vm_stats"
+    # 64-bit where the database has it: a busy site inserts billions of samples
+    # over the years. SQLite's rowid (INTEGER PRIMARY KEY) is 64-bit anyway.
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True, autoincrement=True)
+    vm_uuid: Mapped[str] = mapped_column(String(36))
+    time: Mapped[float] = mapped_column(Float)  # when the controller received it
+    cpu_ns: Mapped[int] = mapped_column(BigInteger)
+    memory_kib: Mapped[int] = mapped_column(BigInteger)  # memory the guest has
+    rss_kib: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # host memory held
+    disk_rd: Mapped[int] = mapped_column(BigInteger)  # bytes
+    disk_wr: Mapped[int] = mapped_column(BigInteger)
+    net_rx: Mapped[int] = mapped_column(BigInteger)  # received by the guest
+    net_tx: Mapped[int] = mapped_column(BigInteger)
+
+
 Index("ix_tasks_user_created", Task.user, Task.created)
+Index("ix_vm_stats_vm_uuid_time", VmStat.vm_uuid, VmStat.time)

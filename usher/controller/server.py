@@ -32,6 +32,7 @@ from cryptography.x509.oid import NameOID
 from sqlalchemy.orm import Session
 
 from usher.controller.auth import Authenticator, Identity
+from usher.controller.console import ConsoleRelay
 from usher.controller.context import Context
 from usher.controller.hosts import HostService
 from usher.controller.models import JoinToken
@@ -51,7 +52,7 @@ from usher.names import validate_domain
 from usher.protocol import frames, tls
 from usher.protocol.connection import Connection, error_body
 from usher.protocol.frames import Hello, Refuse, Welcome
-from usher.protocol.ops import Empty, Op, WhoAmI
+from usher.protocol.ops import Empty, ListArgs, Op, WhoAmI
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class ControllerServer:
         self.users = users
         self.vms = vms
         self.hosts = hosts
+        self.consoles = ConsoleRelay(ctx, vms)
         self.ssl_context = ssl_context
         self._issue_host_cert = issue_host_cert
         self._server: asyncio.Server | None = None
@@ -263,10 +265,14 @@ class ControllerServer:
         self._connections.discard(conn)
         identity: Identity = conn.context["identity"]
         self.ctx.sessions.remove(identity.user, conn)
+        self.consoles.client_closed(conn)
 
     def _node_closed(self, conn: Connection) -> None:
         self._connections.discard(conn)
         self.hosts.disconnected(conn)
+        host = conn.context.get("host")
+        if host is not None:
+            self.consoles.node_closed(host)
 
     def _client_table(self) -> dict[str, Callable[[Identity, Any, str], Awaitable[Any]]]:
         vms, hosts = self.vms, self.hosts
@@ -295,6 +301,11 @@ class ControllerServer:
         async def vm_list(i: Identity, a: Any, _r: str) -> Any:
             return vms.list_vms(i, a)
 
+        async def vm_stats(i: Identity, a: Any, _r: str) -> Any:
+            assert self.ctx.stats is not None  # the controller always makes one
+            return await self.ctx.stats.query(
+                vms.list_vms(i, ListArgs(names=a.names, all_users=a.all_users)), a.samples)
+
         async def host_list(_i: Identity, _a: Any, _r: str) -> Any:
             return hosts.list_hosts()
 
@@ -309,7 +320,9 @@ class ControllerServer:
 
         table: dict[str, Callable[[Identity, Any, str], Awaitable[Any]]] = {
             "vm.start": mutation(vms.start, "start"),
+            "vm.migrate_abort": mutation(vms.migrations.abort, "migrate_abort"),
             "vm.list": vm_list,
+            "vm.stats": vm_stats,
             "host.list": host_list,
             "host.disable": mutation(lambda i, a, r: hosts.disable(a.name), "host_disable"),
             "host.enable": mutation(lambda i, a, r: hosts.enable(a.name), "host_enable"),
@@ -330,6 +343,13 @@ class ControllerServer:
         identity: Identity = conn.context["identity"]
         if op.admin_only and not identity.site_admin:
             raise PermissionDenied(f"only the site admin may {op.name.replace('.', ' ')}")
+        # Console sessions belong to the connection that opened them.
+        if op.name == "vm.console_open":
+            return await self.consoles.open(identity, conn, args)
+        if op.name == "vm.console_input":
+            return await self.consoles.input(conn, args)
+        if op.name == "vm.console_close":
+            return await self.consoles.close(conn, args)
         return await self._client_ops[op.name](identity, args, rid)
 
     async def _node_request(self, conn: Connection, op: Op, args: Any, rid: str) -> Any:
@@ -341,6 +361,10 @@ class ControllerServer:
         self.hosts.heartbeat(conn)
         if topic == "domain":
             self.hosts.domain_event(conn, body)
+        elif topic == "migration":
+            self.vms.migrations.progress(conn.context.get("host", ""), body)
+        elif topic == "node_console" and "host" in conn.context:
+            self.consoles.node_output(conn.context["host"], body)
 
 
 def _prepare_socket_path(path: Path) -> Path:

@@ -40,6 +40,7 @@ from usher.controller.auth import Identity
 from usher.controller.context import Context
 from usher.controller.events import EventData
 from usher.controller.images import encode_boot
+from usher.controller.migration import Migrations
 from usher.controller.models import RequestRecord, Task, Transition, Vm
 from usher.controller.providers import Placement, Row
 from usher.controller.state import BootRecord, TaskRec, VmRec
@@ -131,6 +132,7 @@ class VmService:
         self._replies: dict[tuple[str, str], bytes] = {}
         self._in_flight: dict[tuple[str, str], asyncio.Future[bytes]] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
+        self.migrations = Migrations(self)
 
     # ================================================================ queries
     def _visible(self, identity: Identity, vm: VmRec) -> bool:
@@ -159,6 +161,8 @@ class VmService:
         info = vm.info()
         if self.ctx.dns is not None:
             info.dns = self.ctx.dns.state_of(vm)
+        if self.ctx.stats is not None:
+            self.ctx.stats.annotate(info)
         return info
 
     def complete_vms(self, identity: Identity, prefix: str) -> list[str]:
@@ -250,16 +254,25 @@ class VmService:
         """
         if not 1 <= args.lines <= MAX_CONSOLE_LINES:
             raise InvalidOption(f"--tail takes 1 to {MAX_CONSOLE_LINES} lines, not {args.lines}")
-        names = self._names(identity, [args.name])
-        if len(names) != 1:
-            raise InvalidOption("console shows one VM at a time; name one")
-        vm = self._existing(identity, names[0])
+        vm = self.one_vm(identity, args.name)
         if vm.host is None or not self.ctx.nodes.connected(vm.host):
             raise HostUnavailable(f"{self._short(identity, vm.name)} has no connected VMM "
                                   f"({vm.state}); its console is on its host")
         reply: ConsoleText = await self.ctx.nodes.call(
             vm.host, "node.console", ConsoleArgs(uuid=vm.uuid, lines=args.lines))
         return reply
+
+    def one_vm(self, identity: Identity, name: str) -> VmRec:
+        """The one VM ``name`` names, if the caller may see it.
+
+        Raises:
+            InvalidOption: the name is a batch of several VMs.
+            VmNotFound, PermissionDenied, InvalidName: as for any VM name.
+        """
+        names = self._names(identity, [name])
+        if len(names) != 1:
+            raise InvalidOption("console shows one VM at a time; name one")
+        return self._existing(identity, names[0])
 
     def _existing(self, identity: Identity, name: VmName) -> VmRec:
         vm = self.reg.by_name.get(name.fqdn)
@@ -440,6 +453,7 @@ class VmService:
                         raise InvalidOption(f"{self._short(identity, vm.name)} is already "
                                             f"on {vmm}")
                     chosen = self.ctx.placement.choose(vm, vmm, exclude={vm.host or ""})
+                    self.migrations.check(vm, chosen.name)
                     self.reg.hold(chosen.name, vm)
                     held.append((vm, chosen.name))
                     task.target = chosen.name
@@ -628,7 +642,7 @@ class VmService:
                 await nodes.call(host, "node.undefine", UuidArgs(uuid=vm.uuid))
             await self._destroyed(task, vm)
         elif op == "migrate":
-            await self._cold_migrate(task, vm)
+            await self.migrations.run(task, vm)
         else:
             timeout = self.ctx.config.shutdown_timeout_s
             dom = await nodes.call(host, "node.action",  # type: ignore[arg-type]
@@ -647,8 +661,8 @@ class VmService:
         assert source is not None and target is not None
         was = task.step.removeprefix("was_")
         nodes = self.ctx.nodes
-        self._progress(task, f"cold migration {source} -> {target}: the driver cannot "
-                             f"migrate live")
+        self._progress(task, f"cold migration {source} -> {target}" + (
+            "" if was == "stopped" else ": these VMMs cannot migrate it live"))
         if was != "stopped":
             await nodes.call(source, "node.action", ActionArgs(uuid=vm.uuid, action="power_off"))
         spec = self._spec(vm, task)

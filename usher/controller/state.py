@@ -84,6 +84,8 @@ class HostRec:
     foreign_memory_mib: int = 0  # domains on the host that usher did not place
     foreign: list[str] = field(default_factory=list)
     vlans: list[int] = field(default_factory=list)  # as its node manager declares
+    migration_uri: str = ""  # where other hosts' libvirtd reach its libvirtd ("": nowhere)
+    migration_address: str = ""  # where migration data to it goes ("": libvirt's choice)
 
     @property
     def free_memory_mib(self) -> int:

@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,34 +31,51 @@ from typing import Any, TypeVar
 
 from usher.config import LnmConfig
 from usher.errors import (
+    AlreadyExists,
     AuthenticationFailed,
     DomainNotFound,
     InvalidOption,
+    NotFound,
     PermissionDenied,
     TimedOut,
     UsherError,
 )
-from usher.lnm.drivers.base import DomainEvent, DomainInfo, DomainSpec, HypervisorDriver
+from usher.lnm.drivers.base import (
+    ConsoleStream,
+    DomainEvent,
+    DomainInfo,
+    DomainSpec,
+    HypervisorDriver,
+    MigrationPhase,
+)
 from usher.lnm.images import Artifact, ImageStore
 from usher.protocol import frames, tls
 from usher.protocol.backoff import Backoff
 from usher.protocol.connection import Connection, dial
 from usher.protocol.frames import Hello
 from usher.protocol.ops import (
+    MAX_CONSOLE_INPUT,
     MAX_CONSOLE_LINES,
     ActionArgs,
     ArtifactMsg,
     BootMsg,
     ConsoleArgs,
+    ConsoleDataMsg,
     ConsoleText,
     DefineArgs,
+    DiskSizeMsg,
     DomainEventMsg,
     DomainMsg,
+    DomainStatsMsg,
     Empty,
     HostFactsMsg,
+    IncomingArgs,
     Inventory,
+    MigrationProgressMsg,
+    NodeMigrateArgs,
     Op,
     RegisterArgs,
+    StatsReply,
     UuidArgs,
 )
 
@@ -65,6 +83,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SOFTWARE = "usher-lnm/0.1"
+MIGRATION_OPS = frozenset({"node.disk_size", "node.prepare_incoming", "node.migrate",
+                           "node.abort_migration", "node.finish_incoming", "node.forget_vm"})
+MIGRATIONS_AT_ONCE = 4  # more wait their turn
+MIGRATION_GRACE_S = 30.0  # past its own timeout, a migration has this long to unwind
+PROGRESS_EVERY_S = 0.5  # progress pushes of one migration, unless the phase changes
 CONSOLE_READ_BYTES = 1 << 20
 
 
@@ -121,7 +144,15 @@ class NodeAgent:
         self._flushes = 0  # driver flushes done
         self._flushed = asyncio.Event()  # set (and replaced) after each flush
         self._images: ImageStore | None = None  # made at the first VM with a disk or kernel
+        self._consoles: dict[str, ConsoleStream] = {}  # session -> attached console
         self._image_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="usher-img")
+        # Migrations run in threads of their own (see _migrate); bounded, like
+        # every pool here: a site moves a few VMs off a host at a time.
+        self._migration_pool = ThreadPoolExecutor(max_workers=MIGRATIONS_AT_ONCE,
+                                                  thread_name_prefix="usher-mig")
+        self._migrating: dict[str, threading.Event] = {}  # uuid -> abort asked
+        # Aborts must not queue behind the migrations they abort.
+        self._abort_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usher-abort")
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -161,6 +192,7 @@ class NodeAgent:
                 closed.cancel()
                 self.registered.clear()
                 self._conn = None
+                self._close_consoles()  # their sessions lived on that connection
                 if stop.is_set():
                     await conn.close("node manager stopping")
                     break
@@ -213,7 +245,9 @@ class NodeAgent:
             facts=HostFactsMsg(hostname=self.hostname, cpus=facts.cpus,
                                memory_mib=facts.memory_mib, hypervisor=facts.hypervisor,
                                live_migration=caps.live_migration,
-                               managed_save=caps.managed_save, vlans=list(cfg.vlans)),
+                               managed_save=caps.managed_save, vlans=list(cfg.vlans),
+                               migration_uri=cfg.migration_uri,
+                               migration_address=cfg.migration_address),
             domains=[domain_msg(d) for d in domains]))
         self.registered.set()
         log.info("registered %s with %d domains", self.hostname, len(domains))
@@ -232,6 +266,10 @@ class NodeAgent:
 
     # ============================================================== serving
     async def _handle(self, conn: Connection, op: Op, args: Any, rid: str) -> Any:
+        if op.name in ("node.console_open", "node.console_input", "node.console_close"):
+            return await self._console_op(op.name, args)
+        if op.name in MIGRATION_OPS:
+            return await self._migration_op(op.name, args)
         boot: Boot | None = None
         if op.name == "node.define" and args.spec.boot is not None:
             # Downloads run in their own threads: a slow fetch must not hold
@@ -243,6 +281,218 @@ class NodeAgent:
             if boot is not None and boot.disk is not None:
                 await self._call(self._drop_unused_overlay, args.spec.uuid)
             raise
+
+    # ============================================================== consoles
+    async def _console_op(self, name: str, args: Any) -> Empty:
+        """Open, feed or close an attached console (sessions named by the controller)."""
+        if name == "node.console_open":
+            session = args.session
+
+            def on_data(data: bytes) -> None:
+                self._console_push(ConsoleDataMsg(session=session, data=data))
+
+            def on_end(reason: str) -> None:
+                self._consoles.pop(session, None)
+                self._console_push(ConsoleDataMsg(session=session, eof=True, reason=reason))
+
+            opened: ConsoleStream = await self._call(self.driver.open_console, args.uuid,
+                                                     on_data, on_end)
+            old = self._consoles.pop(session, None)
+            self._consoles[session] = opened
+            if old is not None:
+                old.close()
+        elif name == "node.console_input":
+            if len(args.data) > MAX_CONSOLE_INPUT:
+                raise InvalidOption(f"console input of {len(args.data)} bytes; send at most "
+                                    f"{MAX_CONSOLE_INPUT} at a time")
+            current = self._consoles.get(args.session)
+            if current is None:
+                raise NotFound(f"no console session {args.session} on {self.hostname}")
+            # Non-blocking on libvirt's side: keystrokes go straight to the stream.
+            current.write(args.data)
+        else:
+            gone = self._consoles.pop(args.session, None)
+            if gone is not None:
+                gone.close()
+        return Empty()
+
+    def _console_push(self, msg: ConsoleDataMsg) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.push("node_console", msg)  # safe from libvirt's event thread too
+
+    def _close_consoles(self) -> None:
+        consoles, self._consoles = self._consoles, {}
+        for handle in consoles.values():
+            try:
+                handle.close()
+            except UsherError as exc:
+                log.warning("closing a console: %s", exc.message)
+
+    # ============================================================ migration
+    async def _migration_op(self, name: str, args: Any) -> Any:
+        """Serve the node calls of a migration (see usher.controller.service)."""
+        if name == "node.migrate":
+            return await self._migrate(args)
+        if name == "node.abort_migration":
+            return await self._abort_migration(args.uuid)
+        if name == "node.disk_size":
+            size = await self._in_image_pool(self.images.overlay_size, args.uuid)
+            return DiskSizeMsg(bytes=size)
+        if name == "node.prepare_incoming":
+            return await self._prepare_incoming(args)
+        uuid = args.uuid
+        if name == "node.finish_incoming":
+            return await self._durably(lambda: domain_msg(self.driver.adopt_incoming(uuid)))
+        assert name == "node.forget_vm"
+        return await self._durably(lambda: self._forget_vm(uuid))
+
+    async def _in_image_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self._image_pool, fn, *args),
+                                          self.config.image_fetch_timeout_s + 30)
+        except TimeoutError:
+            raise TimedOut(f"image store call {fn.__name__} took longer than "
+                           f"{self.config.image_fetch_timeout_s + 30:g} s") from None
+
+    async def _prepare_incoming(self, args: IncomingArgs) -> Empty:
+        """Fetch the arriving VM's artifacts and make its empty overlay.
+
+        Idempotent by UUID: an overlay left by an earlier attempt is replaced
+        by a fresh one (never reused: see ImageStore.prepare_incoming), unless
+        a domain here has the UUID, which means the VM (or a migration of it
+        still running) is already here.
+        """
+        spec, boot = args.spec, args.spec.boot
+        if boot is None:
+            return Empty()  # nothing to fetch: a VM of a fake host
+        if boot.disk is not None and args.disk_bytes <= 0:
+            raise InvalidOption(f"VM {spec.name} has a disk: give its size")
+
+        def fetch() -> Path | None:
+            store = self.images
+            base = store.base(_artifact(boot.disk)) if boot.disk else None
+            for extra in (boot.kernel, boot.initrd):
+                if extra is not None:
+                    store.base(_artifact(extra))
+            return base
+
+        base = await self._in_image_pool(fetch)
+        if base is None or boot.disk is None:
+            return Empty()
+        if self.images.overlay_path(spec.uuid).exists():
+            await self._call(self._refuse_if_defined, spec.uuid)
+            self.images.remove_overlay(spec.uuid)
+        disk_format = boot.disk.format
+        await self._in_image_pool(self.images.prepare_incoming, spec.uuid, base, disk_format,
+                                  args.disk_bytes)
+        return Empty()
+
+    def _refuse_if_defined(self, uuid: str) -> None:
+        try:
+            info = self.driver.get_domain(uuid)
+        except DomainNotFound:
+            return
+        raise AlreadyExists(f"{info.name} is already on {self.hostname} ({info.state}); "
+                            f"it cannot arrive again", details={"uuid": uuid})
+
+    async def _migrate(self, args: NodeMigrateArgs) -> Empty:
+        """Move the domain with the driver, then delete what stays here of it.
+
+        The transfer runs in a migration thread, not the hypervisor thread:
+        it takes seconds to minutes, and the driver holds its lock only for
+        the checks before and the tidying after it, so this host's other
+        calls (another VM's start, an inventory) go on meanwhile. The driver
+        enforces ``timeout_s`` by aborting; the wait here only guards against
+        a driver that does not return.
+        """
+        uuid = args.uuid
+        if uuid in self._migrating:
+            raise AlreadyExists(f"domain {uuid} is already migrating", details={"uuid": uuid})
+        abort = threading.Event()
+        self._migrating[uuid] = abort  # before any await: a following abort finds it
+        try:
+            loop = asyncio.get_running_loop()
+            report = self._progress_reporter(uuid, abort)
+
+            def run() -> None:
+                if args.stopped:
+                    self.driver.move_stopped(uuid, args.target_uri, migrate_uri=args.migrate_uri,
+                                             tls=args.tls, timeout_s=args.timeout_s,
+                                             progress=report)
+                else:
+                    self.driver.migrate_live(uuid, args.target_uri, migrate_uri=args.migrate_uri,
+                                             copy_storage=args.copy_storage, tls=args.tls,
+                                             timeout_s=args.timeout_s, progress=report)
+
+            try:
+                await asyncio.wait_for(loop.run_in_executor(self._migration_pool, run),
+                                       args.timeout_s + MIGRATION_GRACE_S)
+            except TimeoutError:
+                raise TimedOut(f"the migration of {uuid} did not return within "
+                               f"{args.timeout_s + MIGRATION_GRACE_S:g} s; it may still "
+                               f"complete", details={"uuid": uuid, "aborted": False}) from None
+        finally:
+            self._migrating.pop(uuid, None)
+        # The domain runs on the target now, from its own copy of the disk.
+        await self._durably(lambda: self._forget_vm(uuid))
+        return Empty()
+
+    def _progress_reporter(self, uuid: str, abort: threading.Event
+                           ) -> Callable[[MigrationPhase, float], None]:
+        """The driver's progress callback: pushes (a few a second) and late aborts.
+
+        Runs on the migration thread. An abort asked before libvirt had a
+        job to abort is repeated here, once the job shows.
+        """
+        last: list[Any] = [None, 0.0, False]  # phase and time of the last push; aborted
+
+        def report(phase: MigrationPhase, percent: float) -> None:
+            if abort.is_set() and not last[2] and phase is not MigrationPhase.CONNECT:
+                last[2] = True
+                try:
+                    self.driver.abort_migration(uuid)
+                except UsherError as exc:
+                    log.warning("aborting the migration of %s: %s", uuid, exc.message)
+            now = time.monotonic()
+            if phase is last[0] and now - last[1] < PROGRESS_EVERY_S and percent < 100:
+                return
+            last[0], last[1] = phase, now
+            loop, conn = self._loop, self._conn
+            if loop is not None and conn is not None and not loop.is_closed():
+                msg = MigrationProgressMsg(uuid=uuid, phase=phase.value, percent=percent)
+                loop.call_soon_threadsafe(conn.push, "migration", msg)
+
+        return report
+
+    async def _abort_migration(self, uuid: str) -> Empty:
+        abort = self._migrating.get(uuid)
+        if abort is None:
+            return Empty()  # none runs here (it ended, or never started)
+        abort.set()
+        loop = asyncio.get_running_loop()
+        # Not the hypervisor thread, which may be busy: aborting never waits.
+        await asyncio.wait_for(loop.run_in_executor(self._abort_pool,
+                                                    self.driver.abort_migration, uuid),
+                               self.config.call_timeout_s)
+        return Empty()
+
+    def _forget_vm(self, uuid: str) -> Empty:
+        """Remove this host's traces of a VM that runs elsewhere (hypervisor thread).
+
+        The controller asks only once it knows where the VM runs, so a
+        hypervisor that cannot be asked (its daemon is down) does not keep
+        the disk here: a half-arrived domain goes when the daemon is back.
+        """
+        try:
+            self.driver.undefine(uuid)
+        except UsherError as exc:
+            log.warning("could not undefine %s while forgetting it: %s", uuid, exc.message)
+        if self._images is not None or Path(self.config.image_dir).exists():
+            self.images.remove_overlay(uuid)
+            (self.images.vm_dir / f"{uuid}.console.log").unlink(missing_ok=True)
+        return Empty()
 
     # ================================================================ images
     @property
@@ -368,7 +618,20 @@ class NodeAgent:
             return lambda: self._console_tail(console.uuid, console.lines)
         if op.name == "node.inventory":
             return lambda: Inventory(domains=[domain_msg(x) for x in d.list_domains()])
+        if op.name == "node.stats":
+            return self._domain_stats
         raise PermissionDenied(f"operation {op.name} is not served by a node")
+
+    def _domain_stats(self) -> StatsReply:
+        """The counters of usher's domains here; those of foreign domains are not usher's."""
+        d = self.driver
+        ours = [x.uuid for x in d.list_domains() if x.owner is not None]
+        return StatsReply(domains=[
+            DomainStatsMsg(uuid=s.uuid, cpu_ns=s.cpu_ns, memory_kib=s.memory_kib,
+                           rss_kib=s.rss_kib, disk_rd_bytes=s.disk_rd_bytes,
+                           disk_wr_bytes=s.disk_wr_bytes, net_rx_bytes=s.net_rx_bytes,
+                           net_tx_bytes=s.net_tx_bytes)
+            for s in d.domain_stats(ours)])
 
     def _console_tail(self, uuid: str, lines: int) -> ConsoleText:
         """The last ``lines`` lines of the domain's console log (reads at most 1 MiB).

@@ -70,7 +70,8 @@ def _type(t: mi.Type) -> str:
     if isinstance(t, mi.LiteralType):
         return " or ".join(f'`"{v}"`' if isinstance(v, str) else f"`{v}`" for v in t.values)
     names = {mi.IntType: "int", mi.FloatType: "float", mi.StrType: "str",
-             mi.BoolType: "bool", mi.NoneType: "nil", mi.AnyType: "any", mi.RawType: "any"}
+             mi.BoolType: "bool", mi.NoneType: "nil", mi.AnyType: "any", mi.RawType: "any",
+             mi.BytesType: "bytes"}
     for cls, name in names.items():
         if isinstance(t, cls):
             return f"`{name}`"

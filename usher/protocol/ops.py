@@ -105,6 +105,8 @@ class VmInfo(_S):
     rr: bool = False  # a member of its cluster's round-robin name
     dns: str = ""  # "" (no records), "ok", or "pending" (waiting for the DNS server)
     image: str = ""  # the registered image it was made from (start --image), if any
+    cpu_pct: float | None = None  # CPU use over the last stats interval (100: one host CPU)
+    mem_kib: int | None = None  # memory it uses at the last stats sample (see VmRates)
 
 
 class HostInfo(_S):
@@ -215,6 +217,8 @@ class HostFactsMsg(_S):
     live_migration: bool = False
     managed_save: bool = False
     vlans: list[int] = []  # VLAN ids the host's bridge carries
+    migration_uri: str = ""  # libvirt URI other hosts' libvirtd reach this one at ("": none)
+    migration_address: str = ""  # where migration data goes: tcp://IP ("": libvirt's choice)
 
 
 class RegisterArgs(_S):
@@ -261,8 +265,137 @@ class ConsoleText(_S):
     lines: int  # how many lines ``text`` holds
 
 
+MAX_CONSOLE_INPUT = 4096
+
+
+class VmConsoleOpenArgs(_S):
+    name: str  # one VM
+
+
+class ConsoleSessionMsg(_S):
+    session: str  # the session's id: console pushes and input carry it
+    name: str  # the VM's FQDN
+
+
+class ConsoleOpenArgs(_S):
+    uuid: str
+    session: str
+
+
+class ConsoleInputArgs(_S):
+    session: str
+    data: bytes  # keystrokes for the guest's serial console (at most MAX_CONSOLE_INPUT)
+
+
+class ConsoleCloseArgs(_S):
+    session: str
+
+
+class ConsoleDataMsg(_S):
+    """Output of an attached serial console; ``eof`` ends the session."""
+
+    session: str
+    data: bytes = b""
+    eof: bool = False
+    reason: str = ""  # why it ended, with eof
+
+
 class Inventory(_S):
     domains: list[DomainMsg]
+
+
+# --------------------------------------------------------------- accounting
+DEFAULT_STATS_SAMPLES = 60
+
+
+class DomainStatsMsg(_S):
+    """A domain's counters as its hypervisor reports them (see usher.lnm.drivers.base)."""
+
+    uuid: str
+    cpu_ns: int = 0  # CPU time since it booted
+    memory_kib: int = 0  # memory the guest has (the balloon's size)
+    rss_kib: int | None = None  # host memory its process holds, where the host knows it
+    disk_rd_bytes: int = 0  # cumulative since it booted, like every byte count
+    disk_wr_bytes: int = 0
+    net_rx_bytes: int = 0  # received by the guest
+    net_tx_bytes: int = 0  # sent by the guest
+
+
+class StatsReply(_S):
+    domains: list[DomainStatsMsg]  # usher's domains on the host (inactive ones: zeros)
+
+
+class VmStatsArgs(_S):
+    names: list[str] = []  # patterns, as for vm.list; empty: every VM the caller may see
+    all_users: bool = False  # site admin: everyone's VMs
+    samples: int | None = None  # newest per VM, 1 to stats_keep; nil: 60 (all if fewer kept)
+
+
+class StatsSample(_S):
+    """One sample of a VM's counters, as the controller stored it."""
+
+    time: float  # when the controller received it (Unix time)
+    cpu_ns: int = 0
+    memory_kib: int = 0
+    rss_kib: int | None = None
+    disk_rd: int = 0  # bytes, cumulative since the VM's boot
+    disk_wr: int = 0
+    net_rx: int = 0
+    net_tx: int = 0
+
+
+class VmRates(_S):
+    """Use between two samples: counter increase over elapsed time.
+
+    A counter that went down was restarted (the VM booted again, moved or
+    was restored) and counts from zero. ``mem_kib`` is the later sample's
+    memory in use: the host memory its process holds where known, else the
+    memory the guest has.
+    """
+
+    interval_s: float  # time between the two samples
+    cpu_pct: float = 0.0  # CPU time per elapsed time; 100 is one host CPU kept busy
+    mem_kib: int = 0
+    disk_rd_bps: float = 0.0  # bytes per second
+    disk_wr_bps: float = 0.0
+    net_rx_bps: float = 0.0
+    net_tx_bps: float = 0.0
+
+
+class VmStats(_S):
+    name: str  # FQDN
+    uuid: str
+    state: str
+    host: str | None = None
+    samples: list[StatsSample] = []  # the newest ones, oldest first
+    rates: VmRates | None = None  # over the last interval (the newest two samples)
+    average: VmRates | None = None  # over all of ``samples``, first to last
+
+
+# ---------------------------------------------------------- live migration
+class DiskSizeMsg(_S):
+    bytes: int  # virtual size of the VM's disk (its overlay) on this host
+
+
+class IncomingArgs(_S):
+    spec: DomainSpecMsg  # the VM as the controller knows it (its boot names the artifacts)
+    disk_bytes: int = 0  # virtual size of the empty overlay to make (0: the VM has no disk)
+
+
+class NodeMigrateArgs(_S):
+    uuid: str
+    target_uri: str  # the target's libvirt URI, as this host's libvirtd reaches it
+    migrate_uri: str | None = None  # where the data goes (default: the target's choice)
+    tls: bool = False  # encrypt the migration data too (QEMU's TLS, site-CA certificates)
+    copy_storage: bool = True  # copy the VM's disk into the target's prepared overlay
+    stopped: bool = False  # a stopped VM moving its disk: started paused, never run
+    timeout_s: float = 300.0  # aborted after this long; the VM stays here
+
+
+class MigrationProgressMsg(_S):
+    uuid: str
+    phase: str  # connect to target | prepare | copy storage | migrate memory | finish on target
+    percent: float = 0.0  # of that phase
 
 
 # ------------------------------------------------------------------- pushes
@@ -329,6 +462,12 @@ OPS: dict[str, Op] = {
         Op("vm.migrate", "client", MigrateArgs, Accepted, mutation=True,
            doc="Move VMs to the named host or the scheduler's choice: live where "
                "the driver can, else cold (define on target, undefine on source)."),
+        Op("vm.migrate_abort", "client", VmOpArgs, Accepted, mutation=True,
+           doc="Abort the running migrations of VMs; they stay where they are. "
+               "Returns the migrate tasks, which end in error."),
+        Op("vm.stats", "client", VmStatsArgs, list[VmStats],
+           doc="Recent resource samples of VMs with their rates (CPU %, bytes/s), "
+               "by name patterns as `vm.list`."),
         Op("vm.list", "client", ListArgs, list[VmInfo],
            doc="VMs the caller may see, optionally filtered by name patterns."),
         Op("host.list", "client", Empty, list[HostInfo], doc="Hosts and their capacity."),
@@ -340,6 +479,13 @@ OPS: dict[str, Op] = {
            doc="Forget an empty host (site admin)."),
         Op("vm.console", "client", VmConsoleArgs, ConsoleText, timeout="node",
            doc="The last lines a VM printed on its serial console (`console NAME --tail N`)."),
+        Op("vm.console_open", "client", VmConsoleOpenArgs, ConsoleSessionMsg, timeout="node",
+           doc="Attach to a VM's serial console: its output arrives as `console` pushes "
+               "until `vm.console_close` or the end of the session (`eof`)."),
+        Op("vm.console_input", "client", ConsoleInputArgs, Empty, timeout="node",
+           doc="Send keystrokes to an attached console."),
+        Op("vm.console_close", "client", ConsoleCloseArgs, Empty, timeout="node",
+           doc="Detach from a console (closing the connection detaches too)."),
         Op("image.list", "client", Empty, list[ImageInfo],
            doc="The registered images users may start VMs from (`start --image`)."),
         Op("task.list", "client", TaskListArgs, list[TaskInfo],
@@ -358,10 +504,34 @@ OPS: dict[str, Op] = {
            doc="Run a lifecycle action on a domain; a repeat is harmless."),
         Op("node.undefine", "controller", UuidArgs, Empty, timeout="node",
            doc="Power off and undefine a domain; a missing domain succeeds."),
+        Op("node.disk_size", "controller", UuidArgs, DiskSizeMsg, timeout="node",
+           doc="The virtual size of a VM's disk here (before a live migration)."),
+        Op("node.prepare_incoming", "controller", IncomingArgs, Empty, timeout="node",
+           doc="Make ready for a VM arriving by migration: fetch its boot artifacts, make "
+               "its empty disk; idempotent by UUID (refused if the domain is here)."),
+        Op("node.migrate", "controller", NodeMigrateArgs, Empty, timeout="wait",
+           doc="Move a domain live to another host's libvirtd (peer to peer), then delete "
+               "its disk and console log here; progress goes up as `migration` pushes."),
+        Op("node.abort_migration", "controller", UuidArgs, Empty, timeout="node",
+           doc="Abort a domain's outgoing migration; none running: no-op."),
+        Op("node.finish_incoming", "controller", UuidArgs, DomainMsg, timeout="node",
+           doc="Take over a domain that arrived by migration (its DHCP entry); returns it."),
+        Op("node.forget_vm", "controller", UuidArgs, Empty, timeout="node",
+           doc="Remove what this host keeps of a VM that runs on another host: a "
+               "half-arrived domain, its disk, its console log."),
         Op("node.console", "controller", ConsoleArgs, ConsoleText, timeout="node",
            doc="The last lines a domain printed on its serial console (its console log)."),
+        Op("node.console_open", "controller", ConsoleOpenArgs, Empty, timeout="node",
+           doc="Open a domain's serial console; its output goes up as `node_console` pushes."),
+        Op("node.console_input", "controller", ConsoleInputArgs, Empty, timeout="node",
+           doc="Write to an open console."),
+        Op("node.console_close", "controller", ConsoleCloseArgs, Empty, timeout="node",
+           doc="Close a console (idempotent)."),
         Op("node.inventory", "controller", Empty, Inventory, timeout="node",
            doc="Every domain on the host, usher's or not."),
+        Op("node.stats", "controller", Empty, StatsReply, timeout="node",
+           doc="The resource counters of usher's domains on the host (CPU time, memory, "
+               "disk and network bytes), read in one hypervisor call."),
     ]
 }
 
@@ -375,5 +545,11 @@ PUSHES: dict[str, PushSpec] = {
                  "(the guest powered off, its host was lost, ...)."),
         PushSpec("domain", "node", DomainEventMsg,
                  "A lifecycle event of a domain on the node's host."),
+        PushSpec("migration", "node", MigrationProgressMsg,
+                 "How far an outgoing migration got (phase, percent), a few times a second."),
+        PushSpec("node_console", "node", ConsoleDataMsg,
+                 "Output of a console the controller opened on the node (and its end)."),
+        PushSpec("console", "controller", ConsoleDataMsg,
+                 "Output of a console the client attached to (and its end)."),
     ]
 }

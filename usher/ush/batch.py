@@ -38,6 +38,7 @@ from usher.ush import (
     host_commands,
     image_commands,
     session_commands,
+    stats_commands,
     task_commands,
     vm_commands,
 )
@@ -49,7 +50,7 @@ __all__ = ["COMMANDS", "MAX_STDIN_CHARS", "BatchRunner", "Step", "StreamSink", "
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (
     *session_commands.COMMANDS, *vm_commands.COMMANDS, *host_commands.COMMANDS,
-    *image_commands.COMMANDS, *task_commands.COMMANDS)}
+    *image_commands.COMMANDS, *task_commands.COMMANDS, *stats_commands.COMMANDS)}
 """The verbs batch mode runs itself, by name."""
 
 MAX_STDIN_CHARS = 1 << 20

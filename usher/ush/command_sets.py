@@ -17,6 +17,7 @@ from cmd2 import CommandSet, with_argparser
 from usher.ush import host_commands as hosts
 from usher.ush import image_commands as images
 from usher.ush import session_commands as session
+from usher.ush import stats_commands as stats
 from usher.ush import task_commands as tasks
 from usher.ush import vm_commands as vms
 from usher.ush.completion import cmd2_parser
@@ -98,9 +99,14 @@ class VmCommands(CommandSet["UshApp"]):
         """list VMs"""
         vms.list_vms(self._cmd.session, args)
 
+    @with_argparser(cmd2_parser(stats.stats_parser))
+    def do_stats(self, args: argparse.Namespace) -> None:
+        """show what VMs use: CPU, memory, disk and network"""
+        stats.show_stats(self._cmd.session, args)
+
     @with_argparser(cmd2_parser(vms.console_parser))
     def do_console(self, args: argparse.Namespace) -> None:
-        """show a VM's serial console"""
+        """attach to a VM's serial console"""
         vms.console_vm(self._cmd.session, args)
 
 

@@ -10,19 +10,22 @@ and as full FQDNs otherwise, the way the user types them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import msgspec
 
-from usher.protocol.ops import HostInfo, ImageInfo, TaskInfo, VmInfo, VmStateMsg
+from usher.protocol.ops import HostInfo, ImageInfo, TaskInfo, VmInfo, VmRates, VmStateMsg, VmStats
 
 __all__ = [
     "SHORT_ID",
     "format_duration",
+    "format_size",
     "host_table",
     "image_table",
     "relative_name",
     "render_table",
     "short_id",
+    "stats_table",
     "task_accepted_line",
     "task_completion_line",
     "task_table",
@@ -137,14 +140,15 @@ def vm_table(vms: Sequence[VmInfo], domain: str | None, now: float, *,
              long: bool = False) -> str:
     """The ``list`` table: NAME STATE HOST IP RAM VCPUS UPTIME REASON.
 
-    ``long`` adds OWNER, CLUSTER, MAC, UUID, DNS (``ok``, ``pending``, and
-    ``+rr`` for round-robin members) and IMAGE (the one it was started from)
-    before REASON. RAM is in MiB. Records
+    ``long`` adds CPU% and MEM (the VM's use at the last accounting sample:
+    ``-`` when none is current), then OWNER, CLUSTER, MAC, UUID, DNS (``ok``,
+    ``pending``, and ``+rr`` for round-robin members) and IMAGE (the one it
+    was started from) before REASON. RAM is in MiB. Records
     still waiting for the DNS server show as ``DNS pending`` in REASON.
     """
     headers = ["NAME", "STATE", "HOST", "IP", "RAM", "VCPUS", "UPTIME"]
     if long:
-        headers += ["OWNER", "CLUSTER", "MAC", "UUID", "DNS", "IMAGE"]
+        headers += ["CPU%", "MEM", "OWNER", "CLUSTER", "MAC", "UUID", "DNS", "IMAGE"]
     headers.append("REASON")
     rows = []
     for vm in sorted(vms, key=lambda v: v.name):
@@ -152,6 +156,7 @@ def vm_table(vms: Sequence[VmInfo], domain: str | None, now: float, *,
                f"{vm.memory_mib}M", str(vm.vcpus), _uptime(vm, now)]
         if long:
             dns = (vm.dns or _NONE) + ("+rr" if vm.rr else "")
+            row += [_pct(vm.cpu_pct), _size_kib(vm.mem_kib)]
             row += [vm.owner, relative_name(vm.cluster, domain), vm.mac, vm.uuid, dns,
                     vm.image or _NONE]
         reason = vm.reason
@@ -159,7 +164,7 @@ def vm_table(vms: Sequence[VmInfo], domain: str | None, now: float, *,
             reason = f"DNS pending; {reason}" if reason else "DNS pending"
         row.append(reason)
         rows.append(row)
-    return render_table(headers, rows, right=(4, 5))
+    return render_table(headers, rows, right=(4, 5, 7, 8) if long else (4, 5))
 
 
 def host_table(hosts: Sequence[HostInfo]) -> str:
@@ -205,11 +210,86 @@ def task_table(tasks: Sequence[TaskInfo], domain: str | None, now: float) -> str
     return render_table(["ID", "OP", "NAME", "STATE", "AGE", "MESSAGE"], rows)
 
 
+def format_size(n: float | None) -> str:
+    """Bytes in binary units, short: ``512``, ``1.5K``, ``12K``, ``210M``; ``-`` for none."""
+    if n is None:
+        return _NONE
+    value = float(n)
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(value) < 1024 or unit == "T":
+            break
+        value /= 1024
+    if unit == "":
+        return f"{value:.0f}"
+    return f"{value:.1f}{unit}" if abs(value) < 10 else f"{value:.0f}{unit}"
+
+
+def _size_kib(kib: int | None) -> str:
+    return format_size(kib * 1024 if kib is not None else None)
+
+
+def _pct(pct: float | None) -> str:
+    return _NONE if pct is None else f"{pct:.1f}"
+
+
+_STATS_HEADERS = ["NAME", "CPU%", "MEM", "DISK-R/s", "DISK-W/s", "NET-IN/s", "NET-OUT/s"]
+
+
+def _stats_cells(rates: VmRates | None, mem_kib: int | None) -> list[str]:
+    if rates is None:
+        return [_NONE, _size_kib(mem_kib), _NONE, _NONE, _NONE, _NONE]
+    return [_pct(rates.cpu_pct), _size_kib(rates.mem_kib), format_size(rates.disk_rd_bps),
+            format_size(rates.disk_wr_bps), format_size(rates.net_rx_bps),
+            format_size(rates.net_tx_bps)]
+
+
+def stats_table(stats: Sequence[VmStats], domain: str | None, *, average: bool = False) -> str:
+    """The ``stats`` table: NAME CPU% MEM DISK-R/s DISK-W/s NET-IN/s NET-OUT/s, and TOTAL.
+
+    Each VM's rates over its last interval, or with ``average`` over all its
+    samples returned. CPU% counts one host CPU as 100; MEM is the memory it
+    uses (host memory held where known); sizes in binary units. A VM without
+    two samples yet shows ``-``. TOTAL (with more than one VM) sums the VMs
+    that have figures.
+    """
+    rows = []
+    total = [0.0] * 6
+    counted = 0
+    for vm in sorted(stats, key=lambda v: v.name):
+        rates = vm.average if average else vm.rates
+        last = vm.samples[-1] if vm.samples else None
+        mem = rates.mem_kib if rates is not None else (
+            (last.rss_kib if last.rss_kib is not None else last.memory_kib) if last else None)
+        rows.append([relative_name(vm.name, domain), *_stats_cells(rates, mem)])
+        if rates is not None:
+            counted += 1
+            for i, value in enumerate((rates.cpu_pct, rates.mem_kib, rates.disk_rd_bps,
+                                       rates.disk_wr_bps, rates.net_rx_bps, rates.net_tx_bps)):
+                total[i] += value
+    if len(stats) > 1:
+        if counted:
+            rows.append(["TOTAL", _pct(total[0]), _size_kib(int(total[1])),
+                         *(format_size(v) for v in total[2:])])
+        else:
+            rows.append(["TOTAL", *[_NONE] * 6])
+    return render_table(_STATS_HEADERS, rows, right=range(1, 7))
+
+
+def _plain(value: Any) -> Any:
+    """Wire data as JSON-ready builtins, every struct field present, nested ones too."""
+    if isinstance(value, msgspec.Struct):
+        return {f: _plain(getattr(value, f)) for f in value.__struct_fields__}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def to_json(items: Sequence[msgspec.Struct]) -> str:
     """A JSON array of wire structs with every field present (for scripts).
 
     The wire omits fields at their defaults; scripts get a stable shape
-    instead: every field of the struct, ``null`` where unset.
+    instead: every field of the struct (and of the structs in it), ``null``
+    where unset.
     """
-    data = [msgspec.structs.asdict(item) for item in items]
+    data = [_plain(item) for item in items]
     return msgspec.json.format(msgspec.json.encode(data), indent=2).decode()

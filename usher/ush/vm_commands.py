@@ -15,10 +15,12 @@ free of cmd2, so the batch runner and the interactive shell
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 
 from usher.client import Client, TaskInfo
+from usher.errors import InvalidOption
 from usher.ush import format as fmt
 from usher.ush.parsers import Command, P, ParserKit, names_parser, positive_int
 from usher.ush.session import Session
@@ -211,19 +213,31 @@ def migrate_parser(kit: ParserKit[P]) -> P:
 migrate VM(s) to different VMM
 
 Moves VMs to the VMM given with --vmm, or to the one the scheduler picks.
-Running and paused VMs move live where the VMMs can; stopped VMs (and VMs on
-VMMs that cannot move them live) move cold. Applies to: running, paused,
-stopped.
+Running and paused VMs move live where the VMMs can: they keep running (a
+paused VM stays paused), with their disk, name, address and DNS names. Other
+VMs move cold: a stopped VM's disk moves with it where the VMMs can migrate
+live; a VM without a disk is powered off, moved and booted again. Applies to:
+running, paused, stopped. --abort stops the running migration of VMs (those
+moving cold cannot be stopped); they stay where they were.
 
 example:
   migrate web1 --vmm vmm2
-  migrate {1..4}.web""")
+  migrate {1..4}.web
+  migrate --abort web1""")
     parser.add_argument("--vmm", metavar="HOST", **kit.host_names(),
                         help="target VMM (default: the scheduler's choice)")
+    parser.add_argument("--abort", action="store_true",
+                        help="abort the running migration of the VMs instead")
     return parser
 
 
 def migrate_vms(session: Session, args: argparse.Namespace) -> None:
+    if args.abort:
+        if args.vmm is not None:
+            session.report_error(InvalidOption("migrate --abort takes no --vmm"))
+            return
+        _mutate(session, lambda c: c.abort_migration(args.names))
+        return
     _mutate(session, lambda c: c.migrate(args.names, vmm=args.vmm))
 
 
@@ -234,7 +248,9 @@ list VMs
 
 Lists the VMs you may see with their state, VMM, address, size, uptime and
 the reason for their state. NAMEs filter the list (the controller matches
-them; a cluster name lists its VMs). --json prints a JSON array for scripts.
+them; a cluster name lists its VMs). -l adds CPU% and MEM (as 'stats' shows
+them, for running VMs), owner, cluster, MAC, UUID, DNS and image. --json
+prints a JSON array for scripts.
 
 example:
   list
@@ -245,7 +261,7 @@ example:
     parser.add_argument("--all", action="store_true", help="every user's VMs (site admin)")
     parser.add_argument("--json", action="store_true", help="print a JSON array")
     parser.add_argument("-l", "--long", action="store_true",
-                        help="also show owner, cluster, MAC and UUID")
+                        help="also show CPU%%, memory in use, owner, cluster, MAC and UUID")
     return parser
 
 
@@ -264,23 +280,39 @@ def list_vms(session: Session, args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ console
 def console_parser(kit: ParserKit[P]) -> P:
     parser = kit.parser("console", """\
-show a VM's serial console
+attach to a VM's serial console
 
---tail N prints the last N lines the VM printed on its serial console (its
-boot messages, a login prompt), from the log its VMM keeps, then returns.
+Connects the terminal to the VM's serial console: what the guest prints
+appears as it comes, and every key goes to the guest. Ctrl-] detaches. The
+session ends when the guest stops. --tail N instead prints the last N lines
+the VM printed (its boot messages, a login prompt) from the log its VMM keeps,
+and returns; that also works without a terminal.
 
 example:
+  console redfish.sneetch
   console redfish.sneetch --tail 50""")
     parser.add_argument("name", metavar="NAME", help="the VM", **kit.vm_names())
-    parser.add_argument("--tail", type=positive_int, metavar="N", required=True,
-                        help="print its last N lines (1 to 1000)")
+    parser.add_argument("--tail", type=positive_int, metavar="N",
+                        help="print its last N lines (1 to 1000) and return")
     return parser
 
 
 def console_vm(session: Session, args: argparse.Namespace) -> None:
-    text = session.call(lambda c: c.console_tail(args.name, args.tail))
-    if text is not None:
-        session.output(text.rstrip("\n") if text else "(the console has printed nothing yet)")
+    if args.tail is not None:
+        text = session.call(lambda c: c.console_tail(args.name, args.tail))
+        if text is not None:
+            session.output(text.rstrip("\n") if text else
+                           "(the console has printed nothing yet)")
+        return
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        session.report_error(InvalidOption(
+            "console without --tail needs a terminal; use --tail N to print its last lines"))
+        return
+    from usher.ush.console import attach
+
+    why = session.call(lambda c: attach(c, args.name, sys.stdin.fileno(), sys.stdout.buffer))
+    if why is not None:
+        session.output(f"\r\nconsole of {args.name} closed: {why}")
 
 
 COMMANDS = (

@@ -8,15 +8,18 @@ usher leased, read back through ``console --tail``), an HTTP request to that
 address over the demo's isolated libvirt bridge, pause and resume (its
 once-a-second heartbeat stops and goes on), hibernate and restore (the
 counter continues: the memory came back), ACPI shutdown, boot again, destroy
-(no domain, no overlay, no console log; the base image stays).
+(no domain, no overlay, no console log; the base image stays). On the way,
+``ush console`` on a terminal reaches the guest's shell.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.site import Site, wait_for
+from tests.e2e.test_ush_interactive import Terminal
 from usher.lnm.tinyguest import build_tiny_guest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realguest]
@@ -90,6 +94,25 @@ def test_a_real_guest_lives_its_whole_life(site: Site, tmp_path: Path) -> None:
     assert "dev ush-usher-demo" in route, route
     with urllib.request.urlopen(f"http://{vm.ip}/", timeout=5) as reply:
         assert "host=g1" in reply.read().decode()
+
+    # An interactive console on a terminal: the guest's shell answers; Ctrl-] detaches.
+    term = Terminal([str(Path(sys.executable).parent / "ush"), "console g1"],
+                    {**os.environ, "USH_CONFIG": str(site.dir / "ush.config"),
+                     "HOME": str(site.dir), "TERM": "xterm"})
+    try:
+        term.expect("Ctrl-] detaches")
+        term.send("\r")
+        term.expect("/ #")
+        # busybox asks the terminal where its cursor is (ESC[6n) after a
+        # prompt and reads keys as the answer for a moment: let that pass.
+        time.sleep(1.0)
+        term.send("echo usher-$((6*7))\r")
+        term.expect("usher-42")
+        term.send("\x1d")
+        term.expect("console of g1 closed: detached")
+        assert term.proc.wait(10) == 0
+    finally:
+        term.close()
 
     ok(site, "pause g1")
     paused_at = heartbeat(site, "g1")

@@ -6,7 +6,16 @@ import json
 
 import pytest
 
-from usher.protocol.ops import HostInfo, ImageInfo, TaskInfo, VmInfo, VmStateMsg
+from usher.protocol.ops import (
+    HostInfo,
+    ImageInfo,
+    StatsSample,
+    TaskInfo,
+    VmInfo,
+    VmRates,
+    VmStateMsg,
+    VmStats,
+)
 from usher.ush import format as fmt
 
 DOMAIN = "seuss.usher.test"
@@ -121,13 +130,17 @@ def test_vm_table() -> None:
 def test_vm_table_long() -> None:
     cluster = f"bluefish.{DOMAIN}"
     lines = fmt.vm_table([vm(f"1.{cluster}", cluster=cluster),
-                          vm(f"2.{cluster}", cluster=cluster, image="tiny")], DOMAIN, NOW,
-                         long=True).splitlines()
+                          vm(f"2.{cluster}", cluster=cluster, image="tiny", cpu_pct=152.25,
+                             mem_kib=215 * 1024)], DOMAIN, NOW, long=True).splitlines()
     assert lines[0].split() == ["NAME", "STATE", "HOST", "IP", "RAM", "VCPUS", "UPTIME",
-                                "OWNER", "CLUSTER", "MAC", "UUID", "DNS", "IMAGE", "REASON"]
-    assert lines[1].split()[7:] == ["seuss", "bluefish", "52:54:00:12:34:56", "5f0c", "-",
-                                    "-"]
-    assert lines[2].split()[12:] == ["tiny"]
+                                "CPU%", "MEM", "OWNER", "CLUSTER", "MAC", "UUID", "DNS",
+                                "IMAGE", "REASON"]
+    assert lines[1].split()[7:] == ["-", "-", "seuss", "bluefish", "52:54:00:12:34:56",
+                                    "5f0c", "-", "-"]
+    assert lines[2].split()[7:9] == ["152.2", "215M"]
+    assert lines[2].split()[14:] == ["tiny"]
+    # The figures are right-aligned under their headers.
+    assert lines[2].index("215M") + len("215M") == lines[0].index("MEM") + len("MEM")
 
 
 def test_vm_table_shows_dns_state() -> None:
@@ -138,8 +151,8 @@ def test_vm_table_shows_dns_state() -> None:
     assert rows[1][-3:] == ["held", "by", "policy"]
     long = [line.split() for line in fmt.vm_table(vms, DOMAIN, NOW, long=True)
             .splitlines()[1:]]
-    assert long[0][11:] == ["pending", "-", "DNS", "pending"]
-    assert long[1][11] == "ok+rr"
+    assert long[0][13:] == ["pending", "-", "DNS", "pending"]
+    assert long[1][13] == "ok+rr"
 
 
 def test_image_table() -> None:
@@ -206,3 +219,58 @@ def test_json_of_hosts_and_tasks() -> None:
                     used_memory_mib=0, used_vcpus=0, vm_count=0)
     assert json.loads(fmt.to_json([host]))[0]["live_migration"] is False
     assert json.loads(fmt.to_json([task("queued")]))[0]["finished"] is None
+
+
+# ------------------------------------------------------------ accounting
+@pytest.mark.parametrize(("n", "text"), [
+    (None, "-"), (0, "0"), (900, "900"), (1536, "1.5K"), (10 * 1024, "10K"),
+    (215 * 1024 * 1024, "215M"), (3.25 * 1024 ** 3, "3.2G"), (5 * 1024 ** 5, "5120T"),
+])
+def test_format_size(n: float | None, text: str) -> None:
+    assert fmt.format_size(n) == text
+
+
+def rates(cpu: float, mem_kib: int = 1024, bps: float = 0.0) -> VmRates:
+    return VmRates(interval_s=60.0, cpu_pct=cpu, mem_kib=mem_kib, disk_rd_bps=bps,
+                   disk_wr_bps=bps / 2, net_rx_bps=bps / 4, net_tx_bps=bps / 8)
+
+
+def vm_stats(name: str, last: VmRates | None, average: VmRates | None = None,
+             samples: list[StatsSample] | None = None) -> VmStats:
+    return VmStats(name=f"{name}.{DOMAIN}", uuid="u", state="running", host="vmm1",
+                   samples=samples or [], rates=last, average=average)
+
+
+def test_stats_table_shows_rates_and_totals() -> None:
+    table = fmt.stats_table([
+        vm_stats("web2", rates(200.0, 512 * 1024, 8192)),
+        vm_stats("web1", rates(12.34, 215 * 1024, 1024 * 1024)),
+        vm_stats("new", None, samples=[StatsSample(time=1.0, memory_kib=2048, rss_kib=1024)]),
+    ], DOMAIN)
+    assert [line.split() for line in table.splitlines()] == [
+        ["NAME", "CPU%", "MEM", "DISK-R/s", "DISK-W/s", "NET-IN/s", "NET-OUT/s"],
+        ["new", "-", "1.0M", "-", "-", "-", "-"],  # one sample: memory, no rates yet
+        ["web1", "12.3", "215M", "1.0M", "512K", "256K", "128K"],
+        ["web2", "200.0", "512M", "8.0K", "4.0K", "2.0K", "1.0K"],
+        ["TOTAL", "212.3", "727M", "1.0M", "516K", "258K", "129K"],
+    ]
+    lines = table.splitlines()
+    assert all(line.endswith(("NET-OUT/s", "K", "-")) for line in lines)  # right-aligned
+
+
+def test_stats_table_averages_and_a_single_vm() -> None:
+    one = vm_stats("web1", rates(50.0), average=rates(5.0))
+    assert fmt.stats_table([one], DOMAIN).splitlines()[1].split()[:2] == ["web1", "50.0"]
+    lines = fmt.stats_table([one], DOMAIN, average=True).splitlines()
+    assert len(lines) == 2 and lines[1].split()[:2] == ["web1", "5.0"]  # no TOTAL for one
+    none = fmt.stats_table([vm_stats("a", None), vm_stats("b", None)], DOMAIN).splitlines()
+    assert none[-1].split() == ["TOTAL", "-", "-", "-", "-", "-", "-"]
+
+
+def test_json_of_stats_has_every_nested_field() -> None:
+    stats = vm_stats("web1", rates(1.0), samples=[StatsSample(time=1.0)])
+    [obj] = json.loads(fmt.to_json([stats]))
+    assert set(obj) == set(VmStats.__struct_fields__)
+    assert obj["samples"] == [{"time": 1.0, "cpu_ns": 0, "memory_kib": 0, "rss_kib": None,
+                               "disk_rd": 0, "disk_wr": 0, "net_rx": 0, "net_tx": 0}]
+    assert set(obj["rates"]) == set(VmRates.__struct_fields__) and obj["average"] is None

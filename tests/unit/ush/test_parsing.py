@@ -23,7 +23,7 @@ from usher.ush.shell import REMOVED_BUILTINS, UshApp
 VERBS = {
     "connect", "reconnect", "start", "shutdown", "reboot", "cycle", "destroy", "pause",
     "resume", "hibernate", "migrate", "list", "vmm_list", "vmm_disable", "vmm_enable",
-    "vmm_remove", "image_list", "tasks", "wait", "console",
+    "vmm_remove", "image_list", "tasks", "wait", "console", "stats",
 }
 BUILTINS = {"help", "history", "quit"}
 
@@ -140,6 +140,19 @@ def test_list(app: UshApp) -> None:
     args = parse(app, "list web1 {1..3}.db --all --json -l")
     assert (args.names, args.all, args.json, args.long) == (["web1", "{1..3}.db"], True,
                                                             True, True)
+
+
+def test_stats(app: UshApp) -> None:
+    args = parse(app, "stats")
+    assert (args.names, args.samples, args.all, args.json) == ([], None, False, False)
+    line = "stats web1 {1..3}.db --samples 60 --all --json"
+    args = parse(app, line)
+    assert (args.names, args.samples, args.all, args.json) == (["web1", "{1..3}.db"], 60,
+                                                               True, True)
+    assert vars(plain_parse(line)) == vars(args)
+    for bad in ("stats --samples 0", "stats --samples x"):
+        with pytest.raises(ParseRefused):
+            plain_parse(bad)
 
 
 def test_vmm_commands(app: UshApp) -> None:

@@ -23,7 +23,9 @@ Rules every driver follows:
   refuses.
 * Live migration (:meth:`HypervisorDriver.migrate_live`) is the one verb that
   runs for long; :meth:`HypervisorDriver.abort_migration` may be called from
-  another thread while it runs and never waits for it.
+  another thread while it runs and never waits for it. The node manager runs
+  migrations in threads of their own, beside the worker thread, so a driver
+  holds its lock only for the checks before the transfer and the tidying after.
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ import enum
 import ipaddress
 import re
 import uuid as uuidlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from usher.errors import InvalidRequest, InvalidState
+from usher.errors import InvalidRequest, InvalidState, MigrationUnsupported
 
 
 class DomainState(enum.StrEnum):
@@ -98,6 +100,28 @@ class HostFacts:
     cpus: int
     memory_mib: int
     hypervisor: str         # the libvirt URI, or "fake"
+
+
+@dataclass(frozen=True, slots=True)
+class DomainStats:
+    """What a domain has used, as the hypervisor counts it now.
+
+    The counters (``cpu_ns`` and the byte counts) are cumulative and never
+    go down while the domain lives in one process; they start again from
+    zero when it boots or is restored (a new QEMU process), so a consumer
+    computing rates treats a counter that went down as restarted. A paused
+    domain's counters stand still. An inactive domain (stopped, crashed,
+    hibernated) reports zeros throughout, memory too: it holds none.
+    """
+
+    uuid: str
+    cpu_ns: int = 0             # CPU time of all its vCPUs, ns
+    memory_kib: int = 0         # memory the guest has now (the balloon's current size)
+    rss_kib: int | None = None  # host memory its process holds; None: not known
+    disk_rd_bytes: int = 0      # read from all its disks
+    disk_wr_bytes: int = 0      # written to all its disks
+    net_rx_bytes: int = 0       # received by the guest, all interfaces
+    net_tx_bytes: int = 0       # sent by the guest, all interfaces
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +210,18 @@ def invalid_state(verb: str, uuid: str, name: str, state: DomainState) -> Invali
         f"cannot {verb} domain {name}: it is {state.value}",
         details={"uuid": uuid, "name": name, "state": state.value},
     )
+
+
+class ConsoleStream(abc.ABC):
+    """An attached serial console (see :meth:`HypervisorDriver.open_console`)."""
+
+    @abc.abstractmethod
+    def write(self, data: bytes) -> None:
+        """Send keystrokes to the guest; writing to a closed console is a no-op."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Detach; idempotent. ``on_end`` is not called for it."""
 
 
 class HypervisorDriver(abc.ABC):
@@ -416,6 +452,64 @@ class HypervisorDriver(abc.ABC):
             DomainNotFound: no such domain.
         """
 
+    def move_stopped(self, uuid: str, target_uri: str, *, migrate_uri: str | None = None,
+                     tls: bool = False, timeout_s: float,
+                     progress: ProgressCallback | None = None) -> None:
+        """Move a stopped domain and its disk to the hypervisor at ``target_uri``.
+
+        The disk moves the way a live migration copies it (the target has
+        prepared an empty overlay, see :meth:`migrate_live`): the domain is
+        started here paused, so its vCPUs never run and its disk never
+        changes, and migrated live with ``copy_storage``. On success it is
+        defined on the target and PAUSED there, never having run: the caller
+        powers it off there. On failure it is stopped here again, as it was.
+        :meth:`abort_migration` and ``progress`` work as for
+        :meth:`migrate_live`. Events: those of a start, then those of a live
+        migration.
+
+        The default raises MigrationUnsupported: drivers without live
+        migration cannot move disks either.
+
+        Raises:
+            MigrationUnsupported: ``capabilities.live_migration`` is False.
+            InvalidState: the domain is not stopped.
+            DomainNotFound, HostUnavailable, TimedOut, HypervisorError: as
+                :meth:`migrate_live`.
+        """
+        raise MigrationUnsupported(f"{self.name} cannot move domains to another host",
+                                   details={"uuid": uuid, "target": target_uri})
+
+    def adopt_incoming(self, uuid: str) -> DomainInfo:
+        """Take over a domain that arrived here by migration; returns it as it is.
+
+        Gives it what this host keeps for each of its domains outside the
+        domain itself (for libvirt: the DHCP host entry of its address, read
+        from its own metadata), which the migration did not bring. Call it
+        once the migration has succeeded, not from the event callback; a
+        repeat is harmless. The default does nothing more than
+        :meth:`get_domain`.
+
+        Raises:
+            DomainNotFound: no such domain (it has not arrived).
+        """
+        return self.get_domain(uuid)
+
+    @abc.abstractmethod
+    def open_console(self, uuid: str, on_data: Callable[[bytes], None],
+                     on_end: Callable[[str], None]) -> ConsoleStream:
+        """Attach to the domain's serial console, taking it from any other holder.
+
+        ``on_data(bytes)`` gets what the guest prints; ``on_end(reason)`` is
+        called once if the console ends on its own (the guest stopped, the
+        stream broke), never after :meth:`ConsoleStream.close`. Callbacks may
+        run on any thread (libvirt's event loop), possibly before this returns.
+
+        Raises:
+            DomainNotFound: no such domain.
+            InvalidState: the domain is not running or paused.
+            HypervisorError: the hypervisor has no console for it.
+        """
+
     @abc.abstractmethod
     def undefine(self, uuid: str) -> None:
         """Remove the domain: power it off if needed, drop its saved image, undefine it.
@@ -423,4 +517,18 @@ class HypervisorDriver(abc.ABC):
         A missing domain succeeds (the goal already holds). Emits
         ``STOPPED "stopped/destroyed"`` if it was running, then
         ``STOPPED "undefined/removed"``.
+        """
+
+    @abc.abstractmethod
+    def domain_stats(self, uuids: Iterable[str] | None = None) -> list[DomainStats]:
+        """The resource counters of the domains with ``uuids`` (None: every domain).
+
+        One :class:`DomainStats` per domain, in no particular order. A UUID
+        with no domain is left out, and so is a domain that disappears while
+        being read; neither is an error. A domain whose counters can be read
+        only in part is reported with what could be read (the rest zero): one
+        domain never fails the call for the others. Reading changes nothing.
+
+        Raises:
+            HypervisorError: the hypervisor could not list the domains at all.
         """

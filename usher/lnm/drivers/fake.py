@@ -11,6 +11,12 @@ What it does not model: time. Every verb completes at once, and a shutdown
 that would time out raises TimedOut at once instead of after ``timeout_s``.
 Nor other hosts: live migration raises MigrationUnsupported, as on libvirt's
 test driver.
+Resource counters (:meth:`FakeDriver.domain_stats`) follow the driver's clock
+(``clock``, :func:`time.monotonic` by default): a running fake guest keeps
+:data:`FAKE_CPU_LOAD` of each vCPU busy and moves bytes at the ``FAKE_*_BPS``
+rates; a paused one keeps its counters and memory; a stopped, crashed or
+hibernated one reports zeros, and boots (or is restored) with fresh counters,
+as a new QEMU process would.
 Events are delivered synchronously, on the calling thread, after the change
 and outside the driver's lock, so a callback may call back into the driver.
 """
@@ -20,7 +26,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import ClassVar
 
 from usher.errors import (
@@ -32,10 +40,12 @@ from usher.errors import (
     TimedOut,
 )
 from usher.lnm.drivers.base import (
+    ConsoleStream,
     DomainEvent,
     DomainInfo,
     DomainSpec,
     DomainState,
+    DomainStats,
     DriverCapabilities,
     EventCallback,
     HostFacts,
@@ -49,6 +59,22 @@ log = logging.getLogger(__name__)
 
 _NOT_RUNNING = frozenset({DomainState.STOPPED, DomainState.CRASHED, DomainState.HIBERNATED})
 
+FAKE_CPU_LOAD = 0.25
+"""Share of each vCPU a running fake guest keeps busy."""
+FAKE_DISK_RD_BPS = 64 * 1024
+FAKE_DISK_WR_BPS = 16 * 1024
+FAKE_NET_RX_BPS = 8 * 1024
+FAKE_NET_TX_BPS = 4 * 1024
+"""Bytes per second a running fake guest reads, writes, receives and sends."""
+
+
+@dataclass(slots=True)
+class _Meter:
+    """How long a fake domain has run since it booted: its counters follow from that."""
+
+    run_s: float = 0.0
+    since: float | None = None  # the clock when it last started running; None: not running
+
 
 class FakeDriver(HypervisorDriver):
     """A hypervisor made of a dict; the host keeps its domains across close/open.
@@ -60,7 +86,8 @@ class FakeDriver(HypervisorDriver):
     name: ClassVar[str] = "fake"
 
     def __init__(self, *, hostname: str = "fake.usher.example.org", cpus: int = 8,
-                 memory_mib: int = 16384, domains: Iterable[DomainInfo] = ()) -> None:
+                 memory_mib: int = 16384, domains: Iterable[DomainInfo] = (),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.capabilities = DriverCapabilities(live_migration=False, managed_save=True,
                                                acpi=True)
         self._facts = HostFacts(hostname=hostname, cpus=cpus, memory_mib=memory_mib,
@@ -70,6 +97,11 @@ class FakeDriver(HypervisorDriver):
         self._event_cb: EventCallback | None = None
         self._domains: dict[str, DomainInfo] = {d.uuid: d for d in domains}
         self._ignores_acpi: set[str] = set()
+        self._clock = clock
+        self._meters: dict[str, _Meter] = {
+            d.uuid: _Meter(since=clock()) for d in self._domains.values()
+            if d.state is DomainState.RUNNING}
+        self._consoles: dict[str, _FakeConsole] = {}
 
     def open(self) -> None:
         """See :meth:`HypervisorDriver.open`; never fails."""
@@ -226,6 +258,30 @@ class FakeDriver(HypervisorDriver):
         with self._lock:
             self._get(uuid)
 
+    def open_console(self, uuid: str, on_data: Callable[[bytes], None],
+                     on_end: Callable[[str], None]) -> ConsoleStream:
+        """See :meth:`HypervisorDriver.open_console`. The fake guest prints a
+        banner, then echoes what is typed (a carriage return as CR LF), like a
+        shell on a serial line; its console ends when the domain stops."""
+        with self._lock:
+            info = self._get(uuid)
+            if info.state not in (DomainState.RUNNING, DomainState.PAUSED):
+                raise invalid_state("open the console of", uuid, info.name, info.state)
+            old = self._consoles.pop(uuid, None)
+            console = _FakeConsole(self, uuid, on_data, on_end)
+            self._consoles[uuid] = console
+        if old is not None:
+            old.end("another session took the console")
+        on_data(f"[fake console of {info.name}]\r\n".encode())
+        return console
+
+    def _end_console(self, uuid: str, reason: str) -> None:
+        """The domain stopped: its console ends (the caller holds no lock)."""
+        with self._lock:
+            console = self._consoles.pop(uuid, None)
+        if console is not None:
+            console.end(reason)
+
     def undefine(self, uuid: str) -> None:
         """See :meth:`HypervisorDriver.undefine`."""
         events: list[tuple[DomainInfo, str]] = []
@@ -233,6 +289,7 @@ class FakeDriver(HypervisorDriver):
             self._check_open()
             info = self._domains.pop(uuid, None)
             self._ignores_acpi.discard(uuid)
+            self._meters.pop(uuid, None)
             if info is None:
                 return
             if info.state not in _NOT_RUNNING:
@@ -257,11 +314,51 @@ class FakeDriver(HypervisorDriver):
 
     def _set(self, info: DomainInfo, state: DomainState) -> DomainInfo:
         """Record ``info`` in ``state``; the caller holds the lock."""
+        self._meter(info.uuid, state)
         info = dataclasses.replace(info, state=state)
         self._domains[info.uuid] = info
         return info
 
+    def domain_stats(self, uuids: Iterable[str] | None = None) -> list[DomainStats]:
+        """See :meth:`HypervisorDriver.domain_stats` and the module docstring."""
+        with self._lock:
+            self._check_open()
+            now = self._clock()
+            if uuids is None:
+                infos = list(self._domains.values())
+            else:
+                infos = [self._domains[u] for u in dict.fromkeys(uuids) if u in self._domains]
+            return [self._stats(info, now) for info in infos]
+
+    def _stats(self, info: DomainInfo, now: float) -> DomainStats:
+        """The counters of ``info`` at clock ``now``; the caller holds the lock."""
+        if info.state not in (DomainState.RUNNING, DomainState.PAUSED):
+            return DomainStats(uuid=info.uuid)
+        meter = self._meters.get(info.uuid) or _Meter()
+        run_s = meter.run_s + (now - meter.since if meter.since is not None else 0.0)
+        memory_kib = info.memory_mib * 1024
+        return DomainStats(uuid=info.uuid, cpu_ns=int(run_s * 1e9 * FAKE_CPU_LOAD * info.vcpus),
+                           memory_kib=memory_kib, rss_kib=memory_kib // 2,
+                           disk_rd_bytes=int(run_s * FAKE_DISK_RD_BPS),
+                           disk_wr_bytes=int(run_s * FAKE_DISK_WR_BPS),
+                           net_rx_bytes=int(run_s * FAKE_NET_RX_BPS),
+                           net_tx_bytes=int(run_s * FAKE_NET_TX_BPS))
+
+    def _meter(self, uuid: str, state: DomainState) -> None:
+        """Follow a change to ``state`` in the domain's meter; the caller holds the lock."""
+        meter = self._meters.setdefault(uuid, _Meter())
+        now = self._clock()
+        if meter.since is not None:
+            meter.run_s += now - meter.since
+            meter.since = None
+        if state is DomainState.RUNNING:
+            meter.since = now
+        elif state in _NOT_RUNNING:
+            meter.run_s = 0.0  # the next boot is a new process with fresh counters
+
     def _emit(self, info: DomainInfo, reason: str) -> None:
+        if info.state not in (DomainState.RUNNING, DomainState.PAUSED):
+            self._end_console(info.uuid, f"the domain is {info.state.value}")
         cb = self._event_cb
         if cb is None:
             return
@@ -270,3 +367,31 @@ class FakeDriver(HypervisorDriver):
         except Exception:
             # As with libvirt: a broken callback must not undo a finished change.
             log.exception("domain event callback failed for %s %s", info.name, reason)
+
+
+class _FakeConsole(ConsoleStream):
+    """The fake guest's serial line: echo, as a shell in cooked mode would."""
+
+    def __init__(self, driver: FakeDriver, uuid: str, on_data: Callable[[bytes], None],
+                 on_end: Callable[[str], None]) -> None:
+        self._driver = driver
+        self._uuid = uuid
+        self._on_data = on_data
+        self._on_end = on_end
+        self._closed = False
+
+    def write(self, data: bytes) -> None:
+        if not self._closed:
+            self._on_data(data.replace(b"\r", b"\r\n"))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with self._driver._lock:
+                if self._driver._consoles.get(self._uuid) is self:
+                    del self._driver._consoles[self._uuid]
+
+    def end(self, reason: str) -> None:
+        if not self._closed:
+            self._closed = True
+            self._on_end(reason)

@@ -45,10 +45,12 @@ from usher.errors import (
 )
 from usher.lnm.domxml import build_domain_xml, domain_type_for_uri, parse_domain_xml
 from usher.lnm.drivers.base import (
+    ConsoleStream,
     DomainEvent,
     DomainInfo,
     DomainSpec,
     DomainState,
+    DomainStats,
     DriverCapabilities,
     EventCallback,
     HostFacts,
@@ -185,6 +187,46 @@ def _usher_state(state: int, reason: int, has_managed_save: Callable[[], bool]) 
             return DomainState.CRASHED
         return DomainState.STOPPED
     return DomainState.UNKNOWN
+
+
+# What domain_stats asks libvirt for, in one virConnectGetAllDomainStats call.
+_STATS_FLAGS = (libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
+                | libvirt.VIR_DOMAIN_STATS_BALLOON | libvirt.VIR_DOMAIN_STATS_INTERFACE
+                | libvirt.VIR_DOMAIN_STATS_BLOCK)
+# libvirt states in which a domain has a process whose counters mean something.
+_ACTIVE_STATES = frozenset({libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED,
+                            libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_SHUTDOWN,
+                            libvirt.VIR_DOMAIN_PMSUSPENDED})
+
+
+def stats_from_record(uuid: str, record: dict[str, Any]) -> DomainStats:
+    """The counters of one ``virConnectGetAllDomainStats`` record of an active domain.
+
+    Sums the ``block.N.*`` and ``net.N.*`` entries over all disks and
+    interfaces; a missing entry counts as zero (an empty CD-ROM drive has no
+    byte counts). ``balloon.rss`` is reported by newer libvirt only.
+    """
+    def total(group: str, key: str) -> int:
+        count = int(record.get(f"{group}.count", 0))
+        return sum(int(record.get(f"{group}.{i}.{key}", 0)) for i in range(count))
+
+    rss = record.get("balloon.rss")
+    return DomainStats(uuid=uuid, cpu_ns=int(record.get("cpu.time", 0)),
+                       memory_kib=int(record.get("balloon.current", 0)),
+                       rss_kib=int(rss) if rss is not None else None,
+                       disk_rd_bytes=total("block", "rd.bytes"),
+                       disk_wr_bytes=total("block", "wr.bytes"),
+                       net_rx_bytes=total("net", "rx.bytes"),
+                       net_tx_bytes=total("net", "tx.bytes"))
+
+
+def _quietly(call: Callable[..., Any], *args: Any) -> Any:
+    """``call(*args)``, or None if libvirt refuses (a counter it cannot read)."""
+    try:
+        return call(*args)
+    except libvirt.libvirtError as exc:
+        log.debug("%s%s: %s", getattr(call, "__name__", "call"), args, exc)
+        return None
 
 
 class LibvirtDriver(HypervisorDriver):
@@ -349,6 +391,67 @@ class LibvirtDriver(HypervisorDriver):
     def get_domain(self, uuid: str) -> DomainInfo:
         """See :meth:`HypervisorDriver.get_domain`."""
         return self._info(self._lookup(uuid))
+
+    def domain_stats(self, uuids: Iterable[str] | None = None) -> list[DomainStats]:
+        """See :meth:`HypervisorDriver.domain_stats`.
+
+        One virConnectGetAllDomainStats call (virDomainListGetStats for given
+        UUIDs) asks for state, CPU time, balloon, interfaces and disks. Where
+        an active domain's record lacks the CPU time (libvirt's test driver
+        reports the state only), its counters are read one call at a time
+        instead (virDomainGetInfo, virDomainBlockStats, virDomainInterfaceStats,
+        virDomainMemoryStats), each counter that fails staying zero.
+        """
+        conn = self._connection()
+        with libvirt_errors("read domain statistics"):
+            if uuids is None:
+                records = conn.getAllDomainStats(_STATS_FLAGS)
+            else:
+                doms = [dom for dom in (self._find(conn.lookupByUUIDString, u)
+                                        for u in dict.fromkeys(uuids)) if dom is not None]
+                records = conn.domainListGetStats(doms, _STATS_FLAGS) if doms else []
+        stats = []
+        for dom, record in records:
+            try:
+                stats.append(self._stats(dom, record))
+            except DomainNotFound:
+                continue  # gone meanwhile
+            except UsherError as exc:
+                log.warning("statistics of domain %s: %s", dom.UUIDString(), exc.message)
+                stats.append(DomainStats(uuid=dom.UUIDString()))
+        return stats
+
+    def _stats(self, dom: Any, record: dict[str, Any]) -> DomainStats:
+        uuid = dom.UUIDString()
+        state = record.get("state.state")
+        if state is None:
+            with libvirt_errors("read domain state", uuid):
+                state = dom.state()[0]
+        if state not in _ACTIVE_STATES:
+            return DomainStats(uuid=uuid)
+        if "cpu.time" in record:
+            return stats_from_record(uuid, record)
+        with libvirt_errors("read domain statistics", uuid):
+            info = dom.info()
+            root = ET.fromstring(dom.XMLDesc(0))
+        rd = wr = rx = tx = 0
+        for disk in root.iterfind("devices/disk/target"):
+            block = _quietly(dom.blockStats, disk.get("dev"))
+            if block is not None:  # (rd_req, rd_bytes, wr_req, wr_bytes, errs)
+                rd, wr = rd + int(block[1]), wr + int(block[3])
+        for iface in root.iterfind("devices/interface"):
+            target, mac = iface.find("target"), iface.find("mac")
+            dev = target.get("dev") if target is not None else None
+            if dev is None and mac is not None:
+                dev = mac.get("address")  # libvirt takes the MAC address too
+            net = _quietly(dom.interfaceStats, dev) if dev else None
+            if net is not None:  # (rx_bytes, rx_packets, rx_errs, rx_drop, tx_bytes, ...)
+                rx, tx = rx + int(net[0]), tx + int(net[4])
+        memory = _quietly(dom.memoryStats) or {}
+        rss = memory.get("rss")
+        return DomainStats(uuid=uuid, cpu_ns=int(info[4]), memory_kib=int(info[2]),
+                           rss_kib=int(rss) if rss is not None else None,
+                           disk_rd_bytes=rd, disk_wr_bytes=wr, net_rx_bytes=rx, net_tx_bytes=tx)
 
     # -- changing --------------------------------------------------------------
 
@@ -529,6 +632,73 @@ class LibvirtDriver(HypervisorDriver):
         if not self.capabilities.live_migration:
             return  # nothing can be migrating
         abort_outgoing(dom, dom.name())
+
+    def move_stopped(self, uuid: str, target_uri: str, *, migrate_uri: str | None = None,
+                     tls: bool = False, timeout_s: float,
+                     progress: ProgressCallback | None = None) -> None:
+        """See :meth:`HypervisorDriver.move_stopped`: started with
+        VIR_DOMAIN_START_PAUSED, then :meth:`migrate_live`. Should that fail,
+        the paused domain is destroyed here, which leaves it defined and
+        stopped with its disk as it was.
+
+        Why not copy the disk file some other way: libvirt's own storage copy
+        needs no channel, credentials or port besides the ones live migration
+        uses, copies only the overlay's blocks, and QEMU holding the image
+        while it moves means nothing else can write to it meanwhile.
+        """
+        self._connection()
+        if not self.capabilities.live_migration:
+            raise MigrationUnsupported(f"{self.uri} cannot move domains",
+                                       details={"uuid": uuid, "target": target_uri})
+        with self._changing(uuid):
+            dom = self._lookup(uuid)
+            state = self._state(dom)
+            if state is not DomainState.STOPPED:
+                raise invalid_state("move the disk of", uuid, dom.name(), state)
+            with libvirt_errors(f"start {dom.name()} paused to move it", uuid):
+                dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+        try:
+            self.migrate_live(uuid, target_uri, migrate_uri=migrate_uri, copy_storage=True,
+                              tls=tls, timeout_s=timeout_s, progress=progress)
+        except BaseException:
+            try:
+                with self._changing(uuid):
+                    left = self._find(self._connection().lookupByUUIDString, uuid)
+                    if left is not None and left.isActive():
+                        left.destroy()
+            except (UsherError, libvirt.libvirtError):
+                log.exception("stopping %s again after its move failed", uuid)
+            raise
+
+    def adopt_incoming(self, uuid: str) -> DomainInfo:
+        """See :meth:`HypervisorDriver.adopt_incoming`: the DHCP host entry of
+        a domain that takes its address by DHCP (one that boots a kernel has
+        it on its command line). Not done from the event thread, which must
+        make no libvirt calls."""
+        with self._changing(uuid):
+            dom = self._lookup(uuid)
+            with libvirt_errors(f"read {uuid}", uuid):
+                facts = parse_domain_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            if facts.ip is not None and facts.mac is not None and facts.owner is not None \
+                    and not facts.kernel_boot:
+                self._dhcp_add(facts.name, facts.mac, facts.ip)
+            return self._info(dom)
+
+    def open_console(self, uuid: str, on_data: Callable[[bytes], None],
+                     on_end: Callable[[str], None]) -> ConsoleStream:
+        """See :meth:`HypervisorDriver.open_console`: a non-blocking libvirt
+        stream whose events arrive through the registered event loop (the node
+        manager's libvirtaio)."""
+        with self._lock:
+            dom = self._lookup(uuid)
+            state = self._state(dom)
+            if state not in (DomainState.RUNNING, DomainState.PAUSED):
+                raise invalid_state("open the console of", uuid, dom.name(), state)
+            with libvirt_errors(f"open the console of {dom.name()}", uuid):
+                stream = self._connection().newStream(libvirt.VIR_STREAM_NONBLOCK)
+                # FORCE: a console left attached by a crashed session is taken over.
+                dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+            return _LibvirtConsole(stream, dom.name(), on_data, on_end)
 
     def undefine(self, uuid: str) -> None:
         """See :meth:`HypervisorDriver.undefine`."""
@@ -780,3 +950,83 @@ class _Dhcp:
     net: Any  # virNetwork, or None: the network does not exist
     sections: list[tuple[int, ipaddress.IPv4Network | ipaddress.IPv6Network]]
     hosts: set[tuple[str | None, str | None]]
+
+
+class _LibvirtConsole(ConsoleStream):
+    """A domain's console as a libvirt stream, read as its events say."""
+
+    _EVENTS = (libvirt.VIR_STREAM_EVENT_READABLE | libvirt.VIR_STREAM_EVENT_ERROR
+               | libvirt.VIR_STREAM_EVENT_HANGUP)
+
+    def __init__(self, stream: Any, name: str, on_data: Callable[[bytes], None],
+                 on_end: Callable[[str], None]) -> None:
+        self._stream = stream
+        self._name = name
+        self._on_data = on_data
+        self._on_end = on_end
+        self._closed = False
+        self._lock = threading.Lock()
+        try:
+            stream.eventAddCallback(self._EVENTS, self._event, None)
+        except libvirt.libvirtError as exc:
+            with contextlib.suppress(libvirt.libvirtError):
+                stream.abort()
+            raise HypervisorError(f"console of {name}: no event loop for its stream "
+                                  f"({exc.get_error_message()})") from None
+
+    def _event(self, stream: Any, events: int, _opaque: object) -> None:
+        if events & libvirt.VIR_STREAM_EVENT_READABLE:
+            # Bounded: a guest printing without pause must not starve the loop.
+            for _ in range(64):
+                try:
+                    data = stream.recv(65536)
+                except libvirt.libvirtError as exc:
+                    self._end(f"console stream broke: {exc.get_error_message()}")
+                    return
+                if data == -2:  # nothing more for now
+                    break
+                if not data:
+                    self._end("the console closed (the guest stopped)")
+                    return
+                self._on_data(bytes(data))
+        if events & (libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP):
+            self._end("the console closed (the guest stopped)")
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            view = memoryview(data)
+            for _ in range(100):  # keystrokes: the stream takes them at once
+                try:
+                    sent = self._stream.send(bytes(view))
+                except libvirt.libvirtError as exc:
+                    raise HypervisorError(f"console of {self._name}: "
+                                          f"{exc.get_error_message()}") from None
+                if sent == -2:
+                    time.sleep(0.01)
+                    continue
+                view = view[sent:]
+                if not view:
+                    return
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._release()
+
+    def _end(self, reason: str) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._release()
+        self._on_end(reason)
+
+    def _release(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self._stream.eventRemoveCallback()
+        with contextlib.suppress(libvirt.libvirtError):
+            self._stream.abort()
