@@ -339,11 +339,12 @@ async def test_named_losing_its_zone_is_repaired(make_controller: MakeController
         [vm] = await client.list_vms()
         # named restarted from its zone files without the journal: the
         # dynamic records are gone.
+        # (The controller may repair it before dig can see it gone: no check
+        # of the gap, only of the repair.)
         await asyncio.to_thread(restart_without_journals, bind)
-        assert await dig(bind.port, vm.name) == set()
 
         async def back() -> bool:
             return await dig(bind.port, vm.name) == {vm.ip}
-        await eventually(back, "records to be written again")
+        await eventually(back, "records to be written again", timeout=3 * WAIT_S)
     finally:
         await client.close()
