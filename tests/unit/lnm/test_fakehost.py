@@ -302,6 +302,26 @@ def test_a_kernel_booted_directly_gets_its_address_on_the_command_line_only(
         driver.close()
 
 
+def test_a_domain_that_arrived_by_migration_gets_its_dhcp_entry_when_adopted(
+        tmp_path: Path) -> None:
+    import dataclasses
+
+    driver = open_networked(tmp_path / "h.xml")
+    try:
+        # Arrived: libvirt defined it here, the driver wrote nothing for it.
+        arrived = addressed(1, "10.87.0.5")
+        booted = dataclasses.replace(addressed(2, "10.87.0.6"), kernel="/boot/vmlinuz")
+        for s in (arrived, booted):
+            driver._connection().defineXML(build_domain_xml(s, "test", network="usher"))
+        assert dhcp_hosts(driver) == set()
+        for _ in range(2):  # a repeat adds no second entry
+            assert driver.adopt_incoming(arrived.uuid).uuid == arrived.uuid
+        driver.adopt_incoming(booted.uuid)  # its address is on its command line
+        assert dhcp_hosts(driver) == {(arrived.mac, "10.87.0.5", "vm1")}
+    finally:
+        driver.close()
+
+
 def test_no_such_network_is_not_an_error(tmp_path: Path) -> None:
     host = FakeHost.create(tmp_path / "h.xml", hostname="h", cpus=4, memory_mib=8192)
     driver = LibvirtDriver(host.uri, fake_host=host, network="nowhere")
