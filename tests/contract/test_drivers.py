@@ -22,6 +22,7 @@ from usher.errors import (
     ConfigError,
     DomainExists,
     DomainNotFound,
+    HypervisorError,
     InvalidRequest,
     InvalidState,
     MigrationUnsupported,
@@ -45,7 +46,12 @@ from usher.lnm.drivers.fake import (
     FAKE_NET_TX_BPS,
     FakeDriver,
 )
-from usher.lnm.drivers.libvirt import LibvirtDriver, lifecycle_event, stats_from_record
+from usher.lnm.drivers.libvirt import (
+    LibvirtDriver,
+    libvirt_errors,
+    lifecycle_event,
+    stats_from_record,
+)
 from usher.lnm.fakehost import FakeHost
 
 CPUS = 4
@@ -257,6 +263,46 @@ def test_closed_driver_is_not_connected(flavour: str, tmp_path: Path, verb: str)
     }
     with pytest.raises(NotConnected):
         call[verb]()
+
+
+def lose(d: HypervisorDriver, reason: str) -> None:
+    """The hypervisor's daemon dies under an open driver."""
+    if isinstance(d, FakeDriver):
+        d.lose_hypervisor(reason)
+    else:
+        # libvirt's test driver has no daemon to lose: fire the close callback
+        # as libvirt does when libvirtd's socket ends (tests/e2e/realguest kill
+        # a real libvirtd).
+        assert isinstance(d, LibvirtDriver)
+        d._on_close(d._conn, libvirt.VIR_CONNECT_CLOSE_REASON_EOF, None)
+
+
+def come_back(d: HypervisorDriver) -> None:
+    if isinstance(d, FakeDriver):
+        d.restore_hypervisor()
+
+
+def test_a_lost_connection_is_reported_once_and_not_connected_until_reopened(
+        driver: HypervisorDriver) -> None:
+    told: list[str] = []
+    driver.set_lost_callback(told.append)
+    lose(driver, "daemon exited")
+    assert len(told) == 1
+    for call in (driver.list_domains, driver.host_facts,
+                 lambda: driver.get_domain(FOREIGN_UUID),
+                 lambda: driver.power_off(FOREIGN_UUID)):
+        with pytest.raises(NotConnected):
+            call()
+    lose(driver, "again")  # told once per connection
+    assert len(told) == 1
+    come_back(driver)
+    driver.close()
+    driver.open()
+    # The host's domains were never touched: the foreign guest still runs.
+    assert driver.get_domain(FOREIGN_UUID).state is DomainState.RUNNING
+    lose(driver, "a second time")
+    assert len(told) == 2
+    driver.set_lost_callback(None)
 
 
 # -- lifecycle -----------------------------------------------------------------------
@@ -706,3 +752,25 @@ def test_libvirt_errors_are_translated_quietly(tmp_path: Path,
     finally:
         d.close()
     assert "libvirt" not in capfd.readouterr().err
+
+
+def _libvirt_error(code: int, domain: int, message: str) -> libvirt.libvirtError:
+    e = libvirt.libvirtError(message)
+    e.err = (code, domain, message, libvirt.VIR_ERR_ERROR, None, None, None, 0, 0)
+    return e
+
+
+@pytest.mark.parametrize("code, message", [
+    (libvirt.VIR_ERR_SYSTEM_ERROR, "End of file while reading data: Input/output error"),
+    (libvirt.VIR_ERR_INTERNAL_ERROR, "client socket is closed"),
+    (libvirt.VIR_ERR_INTERNAL_ERROR, "connection closed due to keepalive timeout"),
+])
+def test_a_broken_libvirt_connection_is_not_connected(code: int, message: str) -> None:
+    with pytest.raises(NotConnected, match=message), libvirt_errors("list domains"):
+        raise _libvirt_error(code, libvirt.VIR_FROM_RPC, message)
+    # Not while connecting: open promises HypervisorError for a daemon that is not there.
+    with pytest.raises(HypervisorError), libvirt_errors("connect", connecting=True):
+        raise _libvirt_error(code, libvirt.VIR_FROM_RPC, message)
+    # The same codes from the hypervisor itself are its own failures.
+    with pytest.raises(HypervisorError), libvirt_errors("start"):
+        raise _libvirt_error(code, libvirt.VIR_FROM_QEMU, message)

@@ -8,6 +8,14 @@ link drops it reconnects with exponential backoff and full jitter, leaving
 every VM untouched meanwhile: the inventory sent on the next register tells
 the controller what happened.
 
+When the hypervisor connection is lost (libvirtd died) the agent cannot speak
+for the host any more, so it hangs up on the controller, giving the reason:
+the controller marks the host lost after ``host_lost_after_s`` and its VMs
+unknown, as for any node manager that went away. The agent then reopens the
+driver with backoff, touching no domain, and only once the hypervisor answers
+again dials the controller, whose register with the full inventory reconciles
+the VMs (guests usually outlive their libvirtd).
+
 Driver calls are blocking libvirt calls; they run in one worker thread, each
 under ``call_timeout_s``, so a wedged hypervisor stalls neither heartbeats nor
 the event loop.
@@ -139,6 +147,8 @@ class NodeAgent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.registered = asyncio.Event()
         self.opened = asyncio.Event()  # the hypervisor is open: the agent is serving
+        self._hv_lost = asyncio.Event()  # the driver lost its hypervisor; set on the loop
+        self._hv_lost_reason = ""
         self._qlock = threading.Lock()  # guards the two counters below
         self._queued = 0  # node calls handed to the hypervisor thread, not finished
         self._flushes = 0  # driver flushes done
@@ -166,18 +176,24 @@ class NodeAgent:
     # ============================================================ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
+        self.driver.set_lost_callback(self._on_lost)
         await self._call(self.driver.open)
         self.opened.set()
         self.driver.set_event_callback(self._on_event)
         backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
         try:
             while not stop.is_set():
+                if self._hv_lost.is_set():
+                    await self._reopen(stop)
+                    continue
                 try:
                     conn = await self._connect()
                 except AuthenticationFailed as exc:
                     log.error("controller refused this host: %s", exc.message)
                     raise
                 except UsherError as exc:
+                    if self._hv_lost.is_set():
+                        continue  # the hypervisor first; the controller once it answers
                     delay = backoff.next_delay()
                     log.warning("cannot reach controller (%s); retrying in %.1f s",
                                 exc.message, delay)
@@ -185,25 +201,73 @@ class NodeAgent:
                     continue
                 backoff.reset()
                 self._conn = conn
-                closed = asyncio.create_task(conn.wait_closed())
-                stopping = asyncio.create_task(stop.wait())
-                await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                stopping.cancel()
-                closed.cancel()
+                waits = {asyncio.create_task(conn.wait_closed()),
+                         asyncio.create_task(stop.wait()),
+                         asyncio.create_task(self._hv_lost.wait())}
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for waiting in waits:
+                    waiting.cancel()
                 self.registered.clear()
                 self._conn = None
                 self._close_consoles()  # their sessions lived on that connection
                 if stop.is_set():
                     await conn.close("node manager stopping")
                     break
+                if self._hv_lost.is_set():
+                    # Serving on would answer every call with NotConnected, and
+                    # the controller would keep trusting this host's silence.
+                    log.warning("hypervisor connection lost (%s); leaving the controller "
+                                "until it is back", self._hv_lost_reason)
+                    await conn.close(f"hypervisor connection lost: {self._hv_lost_reason}")
+                    backoff.reset()
+                    continue
                 delay = backoff.next_delay()
                 log.warning("lost the controller (%s); VMs keep running; reconnecting in "
                             "%.1f s", conn.close_reason, delay)
                 await _sleep_or_stop(stop, delay)
         finally:
             self.driver.set_event_callback(None)
+            self.driver.set_lost_callback(None)
             await self._call(self.driver.close)
             self._pool.shutdown(wait=False)
+
+    def _on_lost(self, reason: str) -> None:
+        # Drivers report the loss from their event thread (or the caller's).
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._note_lost, reason)
+
+    def _note_lost(self, reason: str) -> None:
+        self._hv_lost_reason = reason
+        self._hv_lost.set()
+
+    async def _reopen(self, stop: asyncio.Event) -> None:
+        """Reopen the lost hypervisor, with backoff, until it answers or ``stop``.
+
+        Only the connection is dropped and made again (``close`` never changes
+        the host); no domain is touched. The hypervisor answers when it lists
+        its domains: the inventory the next register needs.
+        """
+        backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+        attempt = 0
+        while not stop.is_set():
+            attempt += 1
+            # Cleared before the attempt: losing the new connection counts again.
+            self._hv_lost.clear()
+            try:
+                await self._call(self.driver.close)
+                await self._call(self.driver.open)
+                await self._call(self.driver.list_domains)
+            except UsherError as exc:
+                self._hv_lost.set()
+                delay = backoff.next_delay()
+                log.warning("hypervisor still unavailable (attempt %d: %s); retrying in %.1f s",
+                            attempt, exc.message, delay)
+                await _sleep_or_stop(stop, delay)
+                continue
+            log.info("hypervisor connection reopened after %d attempt(s); reconnecting to "
+                     "the controller", attempt)
+            return
 
     def _tls(self) -> tuple[Any, str | None]:
         cfg = self.config
@@ -238,17 +302,21 @@ class NodeAgent:
                           peer_name=f"controller {cfg.controller_host}:{cfg.controller_port}",
                           heartbeat_s=welcome.heartbeat_s, handler=self._handle)
         conn.start()
-        domains = await self._call(self.driver.list_domains)
-        facts = await self._call(self.driver.host_facts)
-        caps = self.driver.capabilities
-        await conn.request("node.register", RegisterArgs(
-            facts=HostFactsMsg(hostname=self.hostname, cpus=facts.cpus,
-                               memory_mib=facts.memory_mib, hypervisor=facts.hypervisor,
-                               live_migration=caps.live_migration,
-                               managed_save=caps.managed_save, vlans=list(cfg.vlans),
-                               migration_uri=cfg.migration_uri,
-                               migration_address=cfg.migration_address),
-            domains=[domain_msg(d) for d in domains]))
+        try:
+            domains = await self._call(self.driver.list_domains)
+            facts = await self._call(self.driver.host_facts)
+            caps = self.driver.capabilities
+            await conn.request("node.register", RegisterArgs(
+                facts=HostFactsMsg(hostname=self.hostname, cpus=facts.cpus,
+                                   memory_mib=facts.memory_mib, hypervisor=facts.hypervisor,
+                                   live_migration=caps.live_migration,
+                                   managed_save=caps.managed_save, vlans=list(cfg.vlans),
+                                   migration_uri=cfg.migration_uri,
+                                   migration_address=cfg.migration_address),
+                domains=[domain_msg(d) for d in domains]))
+        except UsherError as exc:
+            await conn.close(f"registering failed: {exc.message}")
+            raise
         self.registered.set()
         log.info("registered %s with %d domains", self.hostname, len(domains))
         return conn

@@ -279,6 +279,24 @@ class TestHost:
                                                f"{name} on {self.name}"):
             raise HostSetupError(f"{name} on {self.name} (pid {entry[0]}) did not stop")
 
+    def kill_daemon(self, name: str, timeout_s: float = DAEMON_STOP_TIMEOUT_S) -> int:
+        """SIGKILL ``name`` by its recorded PID, as a crash would; returns that PID.
+
+        Its QEMU processes live on (libvirtd does not own them);
+        :meth:`start_daemons` starts it again, and it takes them back.
+        """
+        entry = self.daemons.pop(name, None)
+        if entry is None or not _alive(*entry):
+            raise HostSetupError(f"{name} on {self.name} is not running")
+        pid, start = entry
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout_s
+        while _alive(pid, start):
+            if time.monotonic() >= deadline:
+                raise HostSetupError(f"{name} on {self.name} (pid {pid}) survived SIGKILL")
+            time.sleep(0.02)
+        return pid
+
     def call(self, fn: Callable[[libvirt.virConnect], _T], timeout_s: float = 10.0) -> _T:
         """Run ``fn`` on a fresh connection to this host's libvirtd, bounded."""
         def run() -> _T:

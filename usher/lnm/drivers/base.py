@@ -13,12 +13,14 @@ Rules every driver follows:
   with its own timeouts; the only other thread that may touch a driver is the
   one delivering lifecycle events, so drivers guard their state with a lock.
 * Drivers never call up. State changes are pushed through the callback given to
-  :meth:`HypervisorDriver.set_event_callback` as :class:`DomainEvent` values.
+  :meth:`HypervisorDriver.set_event_callback` as :class:`DomainEvent` values;
+  the loss of the hypervisor connection (its daemon died) through the one given
+  to :meth:`HypervisorDriver.set_lost_callback`.
 * Failures are usher errors: :class:`~usher.errors.DomainNotFound`,
   :class:`~usher.errors.DomainExists`, :class:`~usher.errors.InvalidState`
   (the verb does not fit the domain's state; ``details['state']`` names it),
   :class:`~usher.errors.TimedOut`, :class:`~usher.errors.NotConnected` (the
-  driver is not open), :class:`~usher.errors.MigrationUnsupported` and
+  driver is not open, or its connection was lost), :class:`~usher.errors.MigrationUnsupported` and
   :class:`~usher.errors.HypervisorError` for anything else the hypervisor
   refuses.
 * Live migration (:meth:`HypervisorDriver.migrate_live`) is the one verb that
@@ -152,6 +154,10 @@ class DomainEvent:
 
 EventCallback = Callable[[DomainEvent], None]
 
+LostCallback = Callable[[str], None]
+"""``lost(reason)``: the hypervisor connection broke (see
+:meth:`HypervisorDriver.set_lost_callback`)."""
+
 
 class MigrationPhase(enum.StrEnum):
     """How far a live migration got; the values read well in error messages."""
@@ -227,13 +233,13 @@ class ConsoleStream(abc.ABC):
 class HypervisorDriver(abc.ABC):
     """One hypervisor connection on one host.
 
-    Every method except :meth:`open`, :meth:`close` and
-    :meth:`set_event_callback` raises :class:`~usher.errors.NotConnected` while
-    the driver is not open, and :class:`~usher.errors.HypervisorError` (with
-    the hypervisor's message) when the hypervisor fails in a way not named
-    below. Methods taking a UUID raise
-    :class:`~usher.errors.DomainNotFound` when no domain has it (except
-    :meth:`undefine`, which succeeds).
+    Every method except :meth:`open`, :meth:`close`, :meth:`set_event_callback`
+    and :meth:`set_lost_callback` raises :class:`~usher.errors.NotConnected` while
+    the driver is not open or its connection is lost, and
+    :class:`~usher.errors.HypervisorError` (with the hypervisor's message)
+    when the hypervisor fails in a way not named below. Methods taking a
+    UUID raise :class:`~usher.errors.DomainNotFound` when no domain has it
+    (except :meth:`undefine`, which succeeds).
 
     A verb that does not fit the domain's current state raises
     :class:`~usher.errors.InvalidState` whose message and ``details['state']``
@@ -272,6 +278,22 @@ class HypervisorDriver(abc.ABC):
         Raises:
             HypervisorError: the hypervisor cannot deliver events (for libvirt:
                 no event loop implementation is registered).
+        """
+
+    def set_lost_callback(self, cb: LostCallback | None) -> None:  # noqa: B027 - optional
+        """Call ``cb(reason)`` once each time the open connection is lost (None: stop).
+
+        Lost means broken by the hypervisor's side (its daemon exited or
+        stopped answering), never closed by :meth:`close`. From then on every
+        method that needs the hypervisor raises
+        :class:`~usher.errors.NotConnected` at once (none waits for the dead
+        peer) until the caller closes and opens the driver again. Domains are
+        not touched: a guest may well outlive its daemon. Like the event
+        callback, ``cb`` may run on another thread and must be quick and must
+        not raise.
+
+        The default does nothing, for drivers whose hypervisor cannot be
+        lost (it lives in this process).
         """
 
     @abc.abstractmethod

@@ -6,7 +6,9 @@ does (the contract suite runs both). Use it where a test needs a node manager
 but not a hypervisor, and read it to learn the semantics without libvirt.
 
 What the fake models and libvirt's test driver cannot: a guest that ignores
-ACPI (:meth:`FakeDriver.ignore_acpi`), so that shutdown times out.
+ACPI (:meth:`FakeDriver.ignore_acpi`), so that shutdown times out; a
+hypervisor daemon that dies and comes back (:meth:`FakeDriver.lose_hypervisor`,
+:meth:`FakeDriver.restore_hypervisor`) while its guests run on.
 What it does not model: time. Every verb completes at once, and a shutdown
 that would time out raises TimedOut at once instead of after ``timeout_s``.
 Nor other hosts: live migration raises MigrationUnsupported, as on libvirt's
@@ -50,6 +52,7 @@ from usher.lnm.drivers.base import (
     EventCallback,
     HostFacts,
     HypervisorDriver,
+    LostCallback,
     ProgressCallback,
     check_spec,
     invalid_state,
@@ -95,6 +98,8 @@ class FakeDriver(HypervisorDriver):
         self._lock = threading.Lock()
         self._open = False
         self._event_cb: EventCallback | None = None
+        self._lost_cb: LostCallback | None = None
+        self._down: str | None = None  # why the "daemon" is down; None: it is up
         self._domains: dict[str, DomainInfo] = {d.uuid: d for d in domains}
         self._ignores_acpi: set[str] = set()
         self._clock = clock
@@ -104,8 +109,16 @@ class FakeDriver(HypervisorDriver):
         self._consoles: dict[str, _FakeConsole] = {}
 
     def open(self) -> None:
-        """See :meth:`HypervisorDriver.open`; never fails."""
-        self._open = True
+        """See :meth:`HypervisorDriver.open`; fails only while the hypervisor is down.
+
+        Raises:
+            HypervisorError: :meth:`lose_hypervisor` was called and
+                :meth:`restore_hypervisor` not yet.
+        """
+        with self._lock:
+            if self._down is not None:
+                raise HypervisorError(f"cannot connect to the fake hypervisor: {self._down}")
+            self._open = True
 
     def close(self) -> None:
         """See :meth:`HypervisorDriver.close`."""
@@ -114,6 +127,28 @@ class FakeDriver(HypervisorDriver):
     def set_event_callback(self, cb: EventCallback | None) -> None:
         """See :meth:`HypervisorDriver.set_event_callback`; callbacks run synchronously."""
         self._event_cb = cb
+
+    def set_lost_callback(self, cb: LostCallback | None) -> None:
+        """See :meth:`HypervisorDriver.set_lost_callback`; fired by :meth:`lose_hypervisor`."""
+        self._lost_cb = cb
+
+    def lose_hypervisor(self, reason: str = "the hypervisor daemon exited") -> None:
+        """Test hook: the hypervisor's daemon dies; its domains keep their states.
+
+        The connection is lost (calls raise NotConnected, the lost callback
+        gets ``reason`` on the calling thread) and :meth:`open` fails until
+        :meth:`restore_hypervisor`.
+        """
+        with self._lock:
+            was_open, self._open, self._down = self._open, False, reason
+        cb = self._lost_cb
+        if was_open and cb is not None:
+            cb(reason)
+
+    def restore_hypervisor(self) -> None:
+        """Test hook: the daemon is back; :meth:`open` works again."""
+        with self._lock:
+            self._down = None
 
     def ignore_acpi(self, uuid: str, ignore: bool = True) -> None:
         """Make the guest of ``uuid`` ignore (or again obey) ACPI shutdown requests."""

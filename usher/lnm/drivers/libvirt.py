@@ -13,6 +13,16 @@ per process, before the first driver subscribes. Callbacks then run on that
 loop's thread. The driver emits no events of its own: the test driver reports
 every verb except reboot, which (like a guest reboot under QEMU) leaves the
 domain RUNNING and produces no lifecycle event.
+
+Losing libvirtd: the driver registers a connection close callback (delivered
+by the same event loop) and reports the loss through the lost callback
+(:meth:`~usher.lnm.drivers.base.HypervisorDriver.set_lost_callback`); from then
+on every call raises NotConnected at once, as does any call that meets the
+broken connection before the callback has run. A daemon that dies closes the
+socket (reported at once); one that hangs is caught by libvirt's client
+keepalive, which the remote driver runs by itself once an event loop is
+registered (every 5 s, lost after 5 unanswered: about 30 s). Reconnecting is
+the caller's business (``close`` then ``open``).
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ from usher.lnm.drivers.base import (
     EventCallback,
     HostFacts,
     HypervisorDriver,
+    LostCallback,
     ProgressCallback,
     check_spec,
     invalid_state,
@@ -79,13 +90,27 @@ _NOT_RUNNING = frozenset({DomainState.STOPPED, DomainState.CRASHED, DomainState.
 _parse_domain_xml = functools.lru_cache(maxsize=2048)(parse_domain_xml)
 
 
+# libvirt errors of the connection itself (libvirtd died, the socket broke):
+# the domain or verb is not at fault, so they are NotConnected, not HypervisorError.
+_CONNECTION_CODES = frozenset({
+    libvirt.VIR_ERR_NO_CONNECT,
+    libvirt.VIR_ERR_SYSTEM_ERROR,     # "End of file while reading data", "Broken pipe"
+    libvirt.VIR_ERR_RPC,
+    libvirt.VIR_ERR_INTERNAL_ERROR,   # "client socket is closed", keepalive timeout
+})
+
+
 @contextmanager
-def libvirt_errors(action: str, uuid: str | None = None) -> Iterator[None]:
+def libvirt_errors(action: str, uuid: str | None = None, *,
+                   connecting: bool = False) -> Iterator[None]:
     """Translate libvirt errors raised inside the block into usher errors.
 
     VIR_ERR_NO_DOMAIN becomes DomainNotFound, VIR_ERR_OPERATION_INVALID
-    InvalidState, VIR_ERR_DOM_EXIST DomainExists, anything else
+    InvalidState, VIR_ERR_DOM_EXIST DomainExists, a broken connection (an
+    RPC error, e.g. libvirtd exited) NotConnected, anything else
     HypervisorError; each keeps libvirt's message and code in ``details``.
+    While ``connecting`` a connection that cannot be made is a
+    HypervisorError, as :meth:`HypervisorDriver.open` promises.
     """
     try:
         yield
@@ -103,7 +128,19 @@ def libvirt_errors(action: str, uuid: str | None = None) -> Iterator[None]:
             raise InvalidState(message, details=details) from e
         if code == libvirt.VIR_ERR_DOM_EXIST:
             raise DomainExists(message, details=details) from e
+        if (not connecting and code in _CONNECTION_CODES
+                and e.get_error_domain() in (libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE)):
+            raise NotConnected(message, details=details) from e
         raise HypervisorError(message, details=details) from e
+
+
+_CLOSE_REASONS = {
+    libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "connection error",
+    libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "end of file (the daemon exited)",
+    libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "keepalive timeout (the daemon stopped "
+                                                "answering)",
+    libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "closed by the client",
+}
 
 
 def _log_libvirt_error(_ctx: object, err: Any) -> None:
@@ -265,6 +302,8 @@ class LibvirtDriver(HypervisorDriver):
         self._conn: libvirt.virConnect | None = None
         self._event_cb: EventCallback | None = None
         self._callback_id: int | None = None
+        self._lost_cb: LostCallback | None = None
+        self._lost: str | None = None  # why the open connection broke; None: it did not
         self._arriving: set[str] = set()  # domains coming in by migration (event thread only)
 
     # -- connection and events -------------------------------------------------
@@ -277,9 +316,11 @@ class LibvirtDriver(HypervisorDriver):
             libvirt.registerErrorHandler(_log_libvirt_error, None)
             if self._fake_host is not None:
                 self._fake_host.compact()  # libvirt reads the file, not the journal
-            with libvirt_errors(f"connect to {self.uri}"):
+            with libvirt_errors(f"connect to {self.uri}", connecting=True):
                 self._conn = libvirt.open(self.uri)
+            self._lost = None
             try:
+                self._watch_close()
                 if self._event_cb is not None:
                     self._subscribe()
                 # A fresh connection starts from the file: rescan it all once.
@@ -301,8 +342,14 @@ class LibvirtDriver(HypervisorDriver):
                 self._dhcp_wait_quietly(uuid)
             conn, self._conn = self._conn, None
             self._dhcp = None
+            self._lost = None
             if conn is None:
                 return
+            try:
+                conn.unregisterCloseCallback()
+            except libvirt.libvirtError:
+                log.debug("unregistering the close callback on %s failed", self.uri,
+                          exc_info=True)
             if self._callback_id is not None:
                 callback_id, self._callback_id = self._callback_id, None
                 try:
@@ -331,6 +378,36 @@ class LibvirtDriver(HypervisorDriver):
                 callback_id, self._callback_id = self._callback_id, None
                 with libvirt_errors("unsubscribe from domain events"):
                     self._conn.domainEventDeregisterAny(callback_id)
+
+    def set_lost_callback(self, cb: LostCallback | None) -> None:
+        """See :meth:`HypervisorDriver.set_lost_callback`. The loss is noticed by
+        libvirt's close callback, so like events it needs an event loop
+        implementation; without one, calls still fail with NotConnected."""
+        self._lost_cb = cb
+
+    def _watch_close(self) -> None:
+        assert self._conn is not None
+        try:
+            self._conn.registerCloseCallback(self._on_close, None)
+        except libvirt.libvirtError as e:
+            # Losing it then shows only as calls failing with NotConnected.
+            log.debug("no close callback on %s: %s", self.uri, e.get_error_message() or e)
+
+    def _on_close(self, conn: Any, reason: int, _opaque: Any) -> None:
+        # Runs on the event loop's thread: no libvirt calls, nothing may escape,
+        # and no driver lock (a call stuck on the dead daemon may hold it).
+        if conn is not self._conn or self._lost is not None:
+            return  # an old connection's, or told already
+        text = _CLOSE_REASONS.get(reason, f"reason {reason}")
+        self._lost = text
+        log.warning("lost the connection to %s: %s", self.uri, text)
+        cb = self._lost_cb
+        if cb is None:
+            return
+        try:
+            cb(f"{self.uri}: {text}")
+        except Exception:
+            log.exception("lost-connection callback failed")
 
     def _subscribe(self) -> None:
         assert self._conn is not None
@@ -863,9 +940,11 @@ class LibvirtDriver(HypervisorDriver):
     # -- helpers ---------------------------------------------------------------
 
     def _connection(self) -> Any:
-        conn = self._conn
+        conn, lost = self._conn, self._lost
         if conn is None:
             raise NotConnected(f"driver for {self.uri} is not open")
+        if lost is not None:
+            raise NotConnected(f"lost the connection to {self.uri} ({lost}); not reopened yet")
         return conn
 
     def _lookup(self, uuid: str) -> Any:
