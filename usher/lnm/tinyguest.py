@@ -131,16 +131,22 @@ fi
 ready="host=$name uuid=$uuid ip=${USHER_IP:-none}"
 echo "$ready" > /www/index.html
 httpd -p 80 -h /www
-# READY promises that the power button works: wait (at most 5 s) until acpid
-# holds the input devices, or a shutdown sent at once would go unheard.
-acpid -f -c /etc/acpi -l /var/log/acpid.log &
-acpid_pid=$!
-i=0
-while [ $i -lt 100 ] && ! ls -l "/proc/$acpid_pid/fd" 2>/dev/null | grep -q /dev/input/event; do
-    i=$((i + 1))
-    sleep 0.05
-done
-[ $i -lt 100 ] || echo "usher-tiny-guest: acpid opened no input device"
+if [ "$USHER_ACPI" = ignore ]; then
+    # usher.acpi=ignore: a guest deaf to the power button, for testing timeouts.
+    echo "usher-tiny-guest: ignoring ACPI"
+else
+    # READY promises that the power button works: wait (at most 5 s) until acpid
+    # holds the input devices, or a shutdown sent at once would go unheard.
+    acpid -f -c /etc/acpi -l /var/log/acpid.log &
+    acpid_pid=$!
+    i=0
+    while [ $i -lt 100 ] && ! ls -l "/proc/$acpid_pid/fd" 2>/dev/null \
+            | grep -q /dev/input/event; do
+        i=$((i + 1))
+        sleep 0.05
+    done
+    [ $i -lt 100 ] || echo "usher-tiny-guest: acpid opened no input device"
+fi
 echo "@MARKER@ $ready"
 # A shell on the serial line for interactive consoles; respawned, at most once a second.
 if [ -c /dev/ttyS0 ]; then
@@ -166,6 +172,7 @@ for word in $line; do
         usher.gw=*) var=USHER_GW; value=${word#usher.gw=}; allowed='0-9.' ;;
         usher.hostname=*)
             var=USHER_HOSTNAME; value=${word#usher.hostname=}; allowed='A-Za-z0-9.-' ;;
+        usher.acpi=*) var=USHER_ACPI; value=${word#usher.acpi=}; allowed='a-z' ;;
         *) continue ;;
     esac
     case "$value" in

@@ -37,7 +37,9 @@ BOOT_S = 30.0  # TCG on a busy 2-core machine: a boot takes 3-5 s
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    s = Site(tmp_path_factory.mktemp("qemu") / "site", hypervisor="qemu")
+    # A short ACPI wait, for the guest that ignores the power button.
+    s = Site(tmp_path_factory.mktemp("qemu") / "site", hypervisor="qemu",
+             shutdown_timeout_s=8.0)
     try:
         yield s.start()
     finally:
@@ -140,3 +142,16 @@ def test_a_real_guest_lives_its_whole_life(site: Site, tmp_path: Path) -> None:
     virsh = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--uuid"],
                            capture_output=True, text=True).stdout
     assert vm.uuid not in virsh
+
+
+def test_a_guest_that_ignores_acpi_is_reported_and_destroy_still_works(site: Site) -> None:
+    ok(site, "start deaf --image tiny --ram 128 --kernel_parms usher.acpi=ignore")
+    wait_for(lambda: "USHER-TINY-GUEST-READY host=deaf" in console(site, "deaf"), BOOT_S,
+             "the guest's marker")
+    assert "ignoring ACPI" in console(site, "deaf")
+    proc = site.ush("shutdown deaf", timeout=120)
+    assert proc.returncode != 0
+    assert "did not shut down within 8 s" in proc.stdout + proc.stderr, proc
+    assert site.client().list_vms(["deaf"])[0].state == "running"  # still up, as it is
+    ok(site, "destroy deaf")  # the hard way works
+    assert not site.client().list_vms()

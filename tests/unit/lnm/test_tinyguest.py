@@ -105,6 +105,11 @@ def test_cmdline_helper_reads_the_usher_parameters(tmp_path: Path) -> None:
     assert err == ""
 
 
+def test_cmdline_helper_reads_the_acpi_switch(tmp_path: Path) -> None:
+    assert parse_cmdline("quiet usher.acpi=ignore", tmp_path)[0] == {"USHER_ACPI": "ignore"}
+    assert parse_cmdline("usher.acpi=$(reboot)", tmp_path)[0] == {}
+
+
 def test_cmdline_helper_without_parameters_prints_nothing(tmp_path: Path) -> None:
     assert parse_cmdline("console=ttyS0 quiet panic=-1", tmp_path) == ({}, "")
 
