@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -98,6 +99,13 @@ def migration_kind(state: str, disk: bool, source: HostRec, target: HostRec) -> 
         details={"source": source.name, "target": target.name})
 
 
+def _live_target(source: HostRec | None) -> Callable[[HostRec], bool]:
+    """Placement preference: targets libvirt can move the VM to from ``source``."""
+    def can_take(target: HostRec) -> bool:
+        return source is not None and _why_no_libvirt_move(source, target) is None
+    return can_take
+
+
 def _why_no_libvirt_move(source: HostRec, target: HostRec) -> str | None:
     for host in (source, target):
         if not host.live_migration:
@@ -129,6 +137,13 @@ class Migrations:
         self._aborts: set[str] = set()  # task ids whose caller asked to abort
 
     # ============================================================ validate
+    def prefers(self, vm: VmRec) -> Callable[[HostRec], bool] | None:
+        """Which targets the scheduler should prefer for ``vm``: for a VM that
+        runs (or has a disk), those libvirt can move it to; else no preference."""
+        if vm.state not in ("running", "paused") and not has_disk(vm):
+            return None
+        return _live_target(self.reg.hosts.get(vm.host or ""))
+
     def check(self, vm: VmRec, target: str) -> None:
         """Refuse, when it is asked for, a move that would leave the VM's disk behind."""
         source_rec, target_rec = self.reg.hosts.get(vm.host or ""), self.reg.hosts.get(target)

@@ -22,7 +22,7 @@ before it, so the VM's range, and with it the VLAN, is known.)
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,8 +90,13 @@ class PlacementProvider(Provider):
         placement.host = best.name
         self._reg.move_vm(placement.vm, best.name)
 
-    def choose(self, vm: VmRec, vmm: str | None, exclude: Iterable[str] = ()) -> HostRec:
-        """The host ``vm`` should go to; raises if none fits. Changes nothing."""
+    def choose(self, vm: VmRec, vmm: str | None, exclude: Iterable[str] = (),
+               prefer: Callable[[HostRec], bool] | None = None) -> HostRec:
+        """The host ``vm`` should go to; raises if none fits. Changes nothing.
+
+        Among the hosts that fit, those ``prefer`` likes come first (a running
+        VM's migration prefers targets that can take it live).
+        """
         hosts = self._reg.hosts
         vlan = vm.vlan
         if vmm is not None:
@@ -124,7 +129,8 @@ class PlacementProvider(Provider):
                    and h.cpus >= vm.vcpus]
         if not fitting:
             raise self._shortage(vm, candidates)
-        return max(fitting, key=lambda h: (h.free_memory_mib, h.name))
+        liked = prefer or (lambda _h: True)
+        return max(fitting, key=lambda h: (liked(h), h.free_memory_mib, h.name))
 
     @staticmethod
     def _shortage(vm: VmRec, candidates: list[HostRec]) -> NoCapacity:

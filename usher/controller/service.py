@@ -452,7 +452,9 @@ class VmService:
                     if vmm is not None and vmm == vm.host:
                         raise InvalidOption(f"{self._short(identity, vm.name)} is already "
                                             f"on {vmm}")
-                    chosen = self.ctx.placement.choose(vm, vmm, exclude={vm.host or ""})
+                    chosen = self.ctx.placement.choose(
+                        vm, vmm, exclude={vm.host or ""},
+                        prefer=self.migrations.prefers(vm))
                     self.migrations.check(vm, chosen.name)
                     self.reg.hold(chosen.name, vm)
                     held.append((vm, chosen.name))

@@ -132,3 +132,20 @@ def test_registry_tracks_macs() -> None:
     assert vm.mac in reg.macs
     reg.remove_vm(vm)
     assert vm.mac not in reg.macs
+
+
+def test_a_preference_comes_before_free_memory() -> None:
+    from usher.controller.migration import _live_target
+
+    reg = _reg(("src", 4, 4096, "up"), ("big", 4, 65536, "up"), ("live", 4, 8192, "up"))
+    for name in ("src", "live"):
+        reg.hosts[name].live_migration = True
+    reg.hosts["live"].migration_uri = "qemu+tcp://10.0.0.3/system"
+    p = PlacementProvider(reg)
+    vm = _vm(reg, 1024)
+    assert p.choose(vm, None, exclude={"src"}).name == "big"  # no preference: most free
+    assert p.choose(vm, None, exclude={"src"},
+                    prefer=_live_target(reg.hosts["src"])).name == "live"
+    reg.hosts["live"].migration_uri = ""  # nobody can take it live: most free again
+    assert p.choose(vm, None, exclude={"src"},
+                    prefer=_live_target(reg.hosts["src"])).name == "big"
