@@ -31,10 +31,18 @@ def make_root() -> Path:
     return root
 
 
+# libvirt takes one event loop implementation per process, for good: like the
+# driver contract's event tests, this one runs on the session's loop.
+@pytest.mark.asyncio(loop_scope="session")
 async def test_the_tiny_guest_boots_on_qemu_embed() -> None:
     import libvirtaio
 
-    libvirtaio.virEventRegisterAsyncIOImpl()  # the console stream's events
+    loop = asyncio.get_running_loop()
+    impl = libvirtaio.getCurrentImpl()
+    if impl is None:
+        libvirtaio.virEventRegisterAsyncIOImpl(loop)  # the console stream's events
+    else:
+        assert impl.loop is loop, "libvirt's event loop is bound to another asyncio loop"
     guest = build_tiny_guest()
     root = make_root()
     try:
