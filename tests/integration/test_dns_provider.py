@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tests.integration.conftest import MakeController, RunningController
+from tests.integration.dns.conftest import dig_short as dig
 from usher.client import AsyncClient
 from usher.controller import ipam
 from usher.controller.models import Lease, Outbox, Vm
@@ -41,20 +42,6 @@ async def client_of(controller: RunningController) -> AsyncClient:
                          server_hostname="localhost")
     await client.connect()
     return client
-
-
-async def dig(port: int, *args: str) -> set[str]:
-    """``dig +short`` answers from 127.0.0.1:``port``, as a set of lines."""
-    proc = await asyncio.create_subprocess_exec(
-        "dig", "@127.0.0.1", "-p", str(port), "+time=2", "+tries=1", "+short", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), WAIT_S)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    return {line for line in out.decode().splitlines() if line}
 
 
 async def eventually(check: object, what: str, timeout: float = WAIT_S) -> None:

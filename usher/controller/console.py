@@ -23,7 +23,7 @@ from typing import Any
 from usher.controller.auth import Identity
 from usher.controller.context import Context
 from usher.controller.service import VmService
-from usher.errors import HostUnavailable, NotFound, UsherError
+from usher.errors import NotFound, UsherError
 from usher.protocol.connection import Connection
 from usher.protocol.ops import (
     ConsoleCloseArgs,
@@ -67,17 +67,14 @@ class ConsoleRelay:
             InvalidState: the VM is not running or paused (from the node).
             UsherError: too many sessions on this connection.
         """
-        vm = self.vms.one_vm(identity, args.name)
-        if vm.host is None or not self.ctx.nodes.connected(vm.host):
-            raise HostUnavailable(f"{vm.name} has no connected VMM ({vm.state}); its console "
-                                  f"is on its host")
+        vm, host = self.vms.console_host(identity, args.name)
         if sum(1 for s in self._sessions.values() if s.conn is conn) >= \
                 MAX_SESSIONS_PER_CONNECTION:
             raise UsherError(f"at most {MAX_SESSIONS_PER_CONNECTION} consoles per connection")
         session = uuidlib.uuid4().hex
-        self._sessions[session] = _Session(conn, vm.host, vm.uuid, vm.name)
+        self._sessions[session] = _Session(conn, host, vm.uuid, vm.name)
         try:
-            await self.ctx.nodes.call(vm.host, "node.console_open",
+            await self.ctx.nodes.call(host, "node.console_open",
                                       ConsoleOpenArgs(uuid=vm.uuid, session=session))
         except BaseException:
             self._sessions.pop(session, None)

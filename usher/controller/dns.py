@@ -391,9 +391,6 @@ class DnsProvider(Provider):
         fut = asyncio.ensure_future(self._db.run(forget))
         fut.add_done_callback(_log_failure)
 
-    def wake(self) -> None:
-        self._wake.set()
-
 
 def _max_outbox_id(session: Session) -> int | None:
     # Queued before the dirty names are taken (the DB thread runs jobs in

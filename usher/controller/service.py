@@ -254,13 +254,22 @@ class VmService:
         """
         if not 1 <= args.lines <= MAX_CONSOLE_LINES:
             raise InvalidOption(f"--tail takes 1 to {MAX_CONSOLE_LINES} lines, not {args.lines}")
-        vm = self.one_vm(identity, args.name)
+        vm, host = self.console_host(identity, args.name)
+        reply: ConsoleText = await self.ctx.nodes.call(
+            host, "node.console", ConsoleArgs(uuid=vm.uuid, lines=args.lines))
+        return reply
+
+    def console_host(self, identity: Identity, name: str) -> tuple[VmRec, str]:
+        """The one VM ``name`` names and the connected host its console is on.
+
+        Raises:
+            as :meth:`one_vm`, and HostUnavailable: the VM's host is not connected.
+        """
+        vm = self.one_vm(identity, name)
         if vm.host is None or not self.ctx.nodes.connected(vm.host):
             raise HostUnavailable(f"{self._short(identity, vm.name)} has no connected VMM "
                                   f"({vm.state}); its console is on its host")
-        reply: ConsoleText = await self.ctx.nodes.call(
-            vm.host, "node.console", ConsoleArgs(uuid=vm.uuid, lines=args.lines))
-        return reply
+        return vm, vm.host
 
     def one_vm(self, identity: Identity, name: str) -> VmRec:
         """The one VM ``name`` names, if the caller may see it.

@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +27,7 @@ import libvirt
 import pytest
 
 from tests.e2e.realguest.hosts import NETWORK, SUBNET, HostCluster, TestHost
+from tests.e2e.site import wait_for
 from usher.errors import HostUnavailable, HypervisorError, InvalidState, TimedOut
 from usher.lnm.drivers.base import DomainSpec, DomainState, MigrationPhase, ProgressCallback
 from usher.lnm.drivers.libvirt import LibvirtDriver
@@ -42,17 +43,6 @@ HEARTBEAT_TIMEOUT_S = 6.0
 GUEST_IP = str(SUBNET[100])
 # Written into the overlay before boot: the incremental copy must carry it.
 PATTERN, PATTERN_LEN = "0x5a", "4M"
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"no {what} within {timeout_s:g} s")
-        time.sleep(0.1)
 
 
 def recorder(seen: list[tuple[MigrationPhase, float]]) -> ProgressCallback:

@@ -11,14 +11,13 @@ import secrets
 import socket
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 from xml.sax.saxutils import escape
 
 import libvirt
 import pytest
 
+from tests.e2e.site import wait_for
 from usher.lnm.kvm import DirectBoot, probe_kvm
 from usher.lnm.tinyguest import POWEROFF, TinyGuest, heartbeats, ready_fields
 
@@ -28,17 +27,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.realguest, pytest.mark.timeout(90)]
 MARKER_TIMEOUT_S = 15.0
 SHUTDOWN_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 6.0  # a working KVM shows the marker in about a second
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"no {what} within {timeout_s:g} s")
-        time.sleep(0.1)
 
 
 def free_loopback_port() -> int:

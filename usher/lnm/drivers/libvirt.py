@@ -785,8 +785,7 @@ class LibvirtDriver(HypervisorDriver):
                 return
             with libvirt_errors(f"read {uuid}", uuid):
                 facts = parse_domain_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-            with contextlib.suppress(UsherError):
-                self._dhcp_wait(uuid)  # an entry still being written: it goes next
+            self._dhcp_wait_quietly(uuid)  # an entry still being written: it goes next
             if facts.ip is not None and facts.mac is not None:
                 self._dhcp_remove(facts.mac, facts.ip)
             try:
