@@ -774,3 +774,12 @@ def test_a_broken_libvirt_connection_is_not_connected(code: int, message: str) -
     # The same codes from the hypervisor itself are its own failures.
     with pytest.raises(HypervisorError), libvirt_errors("start"):
         raise _libvirt_error(code, libvirt.VIR_FROM_QEMU, message)
+
+
+def test_a_missing_virtlogd_is_a_hypervisor_error_that_says_what_to_do() -> None:
+    # libvirt reports it as an RPC system error, but the connection to libvirt is fine.
+    message = "Failed to connect socket to '/run/libvirt/virtlogd-sock': Connection refused"
+    with pytest.raises(HypervisorError) as caught, libvirt_errors("start"):
+        raise _libvirt_error(libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_RPC, message)
+    assert not isinstance(caught.value, NotConnected)
+    assert "virtlogd -d" in str(caught.value) and "stdio_handler" in str(caught.value)

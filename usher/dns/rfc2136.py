@@ -52,7 +52,9 @@ __all__ = ["Rfc2136Backend", "parse_key_file"]
 
 log = logging.getLogger(__name__)
 
-_COMMENTS = re.compile(r"/\*.*?\*/|//[^\n]*|#[^\n]*", re.DOTALL)
+# A quoted string or a comment: strings are kept whole, for a base64 secret
+# may hold "//" (about one key in a hundred), which is no comment there.
+_STRING_OR_COMMENT = re.compile(r'("(?:[^"\\]|\\.)*")|/\*.*?\*/|//[^\n]*|#[^\n]*', re.DOTALL)
 _KEY = re.compile(r'key\s+"?([^"\s{]+)"?\s*\{(.*?)\}\s*;', re.DOTALL)
 _ALGORITHM = re.compile(r"algorithm\s+\"?([A-Za-z0-9.-]+)\"?\s*;")
 _SECRET = re.compile(r'secret\s+"([^"]+)"\s*;')
@@ -72,7 +74,7 @@ def parse_key_file(path: Path | str) -> tuple[str, str, str]:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read the TSIG key file {path}: {exc.strerror}") from None
-    match = _KEY.search(_COMMENTS.sub("", text))
+    match = _KEY.search(_STRING_OR_COMMENT.sub(lambda m: m.group(1) or "", text))
     if match is None:
         raise ConfigError(f"{path} holds no 'key \"NAME\" {{ ... }};' clause")
     name, body = match.groups()

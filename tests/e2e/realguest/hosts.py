@@ -544,6 +544,19 @@ class HostCluster:
                             str(timeout_s)], address=address, timeout_s=timeout_s + 5)
         return proc.stdout if proc.returncode == 0 else None
 
+    def diagnostics(self, lines: int = 15) -> str:
+        """Each host's libvirtd (alive or not) and the tail of its log: for failure messages."""
+        parts = []
+        for host in self.hosts:
+            state = "running" if host.libvirtd_running() else "NOT RUNNING"
+            try:
+                tail = (host.root / "log" / "libvirtd.log").read_text(
+                    errors="replace").splitlines()[-lines:]
+            except OSError as e:
+                tail = [f"(no log: {e})"]
+            parts.append(f"--- {host.name} ({host.ip}): libvirtd {state}\n" + "\n".join(tail))
+        return "\n".join(parts)
+
     # -- tearing down -------------------------------------------------------------
 
     def close(self) -> None:

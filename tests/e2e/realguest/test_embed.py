@@ -34,11 +34,13 @@ def test_the_tiny_guest_boots_on_qemu_embed() -> None:
 
 def make_root() -> Path:
     """An embedded driver's root: it reads its qemu.conf there. As root, with no
-    security driver (there is no libvirtd to set labels up)."""
+    security driver (there is no libvirtd to set labels up), and QEMU writing the
+    console log itself (no virtlogd either)."""
     root = Path(tempfile.mkdtemp(prefix="usher-embed-", dir="/var/tmp"))
     (root / "etc").mkdir()
     (root / "etc" / "qemu.conf").write_text(
-        'user = "root"\ngroup = "root"\nsecurity_driver = "none"\n')
+        'user = "root"\ngroup = "root"\nsecurity_driver = "none"\n'
+        'stdio_handler = "file"\n')
     root.chmod(0o755)
     return root
 

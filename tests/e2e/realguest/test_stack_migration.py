@@ -55,7 +55,8 @@ class Stack:
         proc = self.site.ush(*commands, timeout=120)
         if ok:
             assert proc.returncode == 0, f"{commands}: rc={proc.returncode}\n{proc.stdout}\n" \
-                                         f"{proc.stderr}"
+                f"{proc.stderr}\n{self.cluster.diagnostics()}\n--- node managers\n" + \
+                "\n".join(self.site.log(f"lnm-{i}.log")[-3000:] for i in range(3))
         return proc.stdout + proc.stderr
 
     def vm(self) -> tuple[str | None, str, str]:

@@ -279,6 +279,10 @@ def test_parse_key_file_reads_tsig_keygen_output(named: Named, tmp_path: Path) -
     commented.write_text('# made by hand\nkey "site-key" {\n  // HMAC\n  algorithm HMAC-SHA512;'
                          '\n  secret "c2VjcmV0"; /* base64 */\n};\n')
     assert parse_key_file(commented) == ("site-key", "hmac-sha512", "c2VjcmV0")
+    # base64 has "/": a secret holding "//" is no comment.
+    slashes = tmp_path / "slashes.key"
+    slashes.write_text('key "k" {\n\talgorithm hmac-sha256;\n\tsecret "ab//cd/*ef#gh==";\n};\n')
+    assert parse_key_file(slashes) == ("k", "hmac-sha256", "ab//cd/*ef#gh==")
     (tmp_path / "empty.conf").write_text("options { };\n")
     with pytest.raises(ConfigError, match="no 'key"):
         parse_key_file(tmp_path / "empty.conf")

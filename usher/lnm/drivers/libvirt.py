@@ -128,6 +128,12 @@ def libvirt_errors(action: str, uuid: str | None = None, *,
             raise InvalidState(message, details=details) from e
         if code == libvirt.VIR_ERR_DOM_EXIST:
             raise DomainExists(message, details=details) from e
+        if "virtlogd-sock" in message:
+            # The daemon's connection is fine; its log daemon is not there.
+            raise HypervisorError(
+                f"{message} (virtlogd is not running: start `virtlogd -d`, or on "
+                "qemu:///embed set stdio_handler = \"file\" in ROOT/etc/qemu.conf)",
+                details=details) from e
         if (not connecting and code in _CONNECTION_CODES
                 and e.get_error_domain() in (libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE)):
             raise NotConnected(message, details=details) from e
