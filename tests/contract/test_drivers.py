@@ -434,10 +434,10 @@ def test_live_migration_unsupported_is_a_typed_error_and_changes_nothing(
 
 def test_abort_migration_without_a_migration_is_a_no_op(driver: HypervisorDriver) -> None:
     uuid = running(driver)
-    driver.abort_migration(uuid)
-    driver.abort_migration(uuid)
+    assert driver.abort_migration(uuid) is False
+    assert driver.abort_migration(uuid) is False
     stopped = driver.define(spec(2)).uuid
-    driver.abort_migration(stopped)
+    assert driver.abort_migration(stopped) is False
     assert driver.get_domain(uuid).state is DomainState.RUNNING
     assert driver.get_domain(stopped).state is DomainState.STOPPED
 

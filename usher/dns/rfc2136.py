@@ -15,8 +15,13 @@ than 100 members fails the whole message for its zone (SERVFAIL) unless the
 site raises that limit.
 
 dnspython's asyncio functions do the I/O, so no call blocks the event loop;
-each has a time limit. This module is where dnspython's exceptions become
-:class:`~usher.errors.DnsError` and :class:`~usher.errors.DnsUnavailable`.
+each has a time limit. UPDATEs keep one TCP connection per zone open between
+calls (RFC 7766): setting one up costs a server like BIND about as much as the
+update itself. A connection the server has closed meanwhile (BIND drops idle
+ones after 30 s) is replaced and the UPDATE sent once more, which is safe
+because usher's updates add and delete exact records. This module is where
+dnspython's exceptions become :class:`~usher.errors.DnsError` and
+:class:`~usher.errors.DnsUnavailable`.
 :func:`parse_key_file` reads the key file ``tsig-keygen`` writes.
 """
 
@@ -25,12 +30,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import ipaddress
 import logging
 import re
+import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import dns.asyncbackend
 import dns.asyncquery
 import dns.exception
 import dns.message
@@ -103,6 +112,20 @@ _TSIG_HINTS: dict[type[Exception], str] = {
 }
 
 
+@dataclass
+class _Link:
+    """One zone's TCP connection to the server, used by one exchange at a time."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    sock: dns.asyncbackend.StreamSocket | None = None
+
+    async def drop(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            with contextlib.suppress(Exception):  # it is broken already, or going
+                await sock.close()
+
+
 class Rfc2136Backend(DnsBackend):
     """A site DNS server updated by TSIG-signed RFC 2136 UPDATE over TCP.
 
@@ -143,6 +166,9 @@ class Rfc2136Backend(DnsBackend):
         self.xfr_lifetime_s = xfr_lifetime_s
         self.updates_sent = 0
         """UPDATE messages the server accepted (for tests and metrics)."""
+        self.connections_made = 0
+        """TCP connections opened for UPDATEs (for tests and metrics)."""
+        self._links: dict[str, _Link] = {}
         self._closed = False
 
     def __repr__(self) -> str:
@@ -186,7 +212,7 @@ class Rfc2136Backend(DnsBackend):
     async def _send_update(self, zone: str, steps: list[Change]) -> None:
         message = self._update_message(zone, steps)
         started = time.monotonic()
-        response = await self._exchange(message, f"an UPDATE of zone {zone}")
+        response = await self._update_exchange(zone, message)
         rcode = response.rcode()
         if rcode != dns.rcode.NOERROR:
             raise DnsError(
@@ -197,12 +223,41 @@ class Rfc2136Backend(DnsBackend):
         log.debug("UPDATE of %s: %d records in %.3f s", zone, len(steps),
                   time.monotonic() - started)
 
-    async def _exchange(self, message: dns.message.Message, what: str) -> dns.message.Message:
-        try:
-            return await dns.asyncquery.tcp(message, self.server, timeout=self.timeout_s,
-                                            port=self.port)
-        except Exception as exc:
-            raise self._translate(exc, what) from exc
+    async def _update_exchange(self, zone: str,
+                               message: dns.message.Message) -> dns.message.Message:
+        """Send ``message`` on ``zone``'s connection (made if there is none) and
+        return the answer; a reused connection that turns out closed is
+        replaced once. Any other failure drops the connection."""
+        what = f"an UPDATE of zone {zone}"
+        link = self._links.setdefault(zone, _Link())
+        async with link.lock:
+            for attempt in (1, 2):
+                reused = link.sock is not None
+                try:
+                    if link.sock is None:
+                        link.sock = await self._connect()
+                    return await dns.asyncquery.tcp(message, self.server,
+                                                    timeout=self.timeout_s, port=self.port,
+                                                    sock=link.sock)
+                except (EOFError, ConnectionError) as exc:
+                    await link.drop()
+                    if reused and attempt == 1:
+                        log.debug("%s closed the connection for %s; reconnecting",
+                                  self._where, zone)
+                        continue
+                    raise self._translate(exc, what) from exc
+                except Exception as exc:
+                    await link.drop()  # its state is unknown: an answer may still come
+                    raise self._translate(exc, what) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _connect(self) -> dns.asyncbackend.StreamSocket:
+        backend = dns.asyncbackend.get_backend("asyncio")
+        family = socket.AF_INET6 if ":" in self.server else socket.AF_INET
+        sock = await backend.make_socket(family, socket.SOCK_STREAM, 0, None,
+                                         (self.server, self.port), self.timeout_s)
+        self.connections_made += 1
+        return sock
 
     def _translate(self, exc: Exception, what: str) -> DnsError:
         """The usher error for a failure of ``what`` (the one place dnspython's end)."""
@@ -257,5 +312,8 @@ class Rfc2136Backend(DnsBackend):
             raise DnsError(f"{self!r} is closed")
 
     async def close(self) -> None:
-        """See :meth:`DnsBackend.close`: no connection outlives a call, so nothing to free."""
+        """See :meth:`DnsBackend.close`: closes the UPDATE connections."""
         self._closed = True
+        links, self._links = list(self._links.values()), {}
+        for link in links:
+            await link.drop()

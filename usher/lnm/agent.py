@@ -160,7 +160,8 @@ class NodeAgent:
         # every pool here: a site moves a few VMs off a host at a time.
         self._migration_pool = ThreadPoolExecutor(max_workers=MIGRATIONS_AT_ONCE,
                                                   thread_name_prefix="usher-mig")
-        self._migrating: dict[str, threading.Event] = {}  # uuid -> abort asked
+        # uuid -> set when an abort came before libvirt had a job to abort
+        self._migrating: dict[str, threading.Event] = {}
         # Aborts must not queue behind the migrations they abort.
         self._abort_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usher-abort")
 
@@ -511,8 +512,10 @@ class NodeAgent:
                            ) -> Callable[[MigrationPhase, float], None]:
         """The driver's progress callback: pushes (a few a second) and late aborts.
 
-        Runs on the migration thread. An abort asked before libvirt had a
-        job to abort is repeated here, once the job shows.
+        Runs on the migration thread. An abort that came before libvirt had a
+        job to abort is repeated here, once, when the job shows. One that
+        libvirt took is never repeated: a second abortJob while QEMU unwinds
+        the first is a race of its own.
         """
         last: list[Any] = [None, 0.0, False]  # phase and time of the last push; aborted
 
@@ -535,15 +538,16 @@ class NodeAgent:
         return report
 
     async def _abort_migration(self, uuid: str) -> Empty:
-        abort = self._migrating.get(uuid)
-        if abort is None:
+        too_early = self._migrating.get(uuid)
+        if too_early is None:
             return Empty()  # none runs here (it ended, or never started)
-        abort.set()
         loop = asyncio.get_running_loop()
         # Not the hypervisor thread, which may be busy: aborting never waits.
-        await asyncio.wait_for(loop.run_in_executor(self._abort_pool,
-                                                    self.driver.abort_migration, uuid),
-                               self.config.call_timeout_s)
+        taken = await asyncio.wait_for(loop.run_in_executor(self._abort_pool,
+                                                            self.driver.abort_migration, uuid),
+                                       self.config.call_timeout_s)
+        if not taken:
+            too_early.set()  # no job yet: the progress reporter aborts once it shows
         return Empty()
 
     def _forget_vm(self, uuid: str) -> Empty:

@@ -243,12 +243,12 @@ def test_abort_migration_from_another_thread(guest: Guest) -> None:
         future = pool.submit(guest.migrate, target, timeout_s=MIGRATION_TIMEOUT_S,
                              progress=progress)
         assert job_seen.wait(10.0), "the migration job never started"
-        guest.drivers[source].abort_migration(guest.spec.uuid)
+        assert guest.drivers[source].abort_migration(guest.spec.uuid) is True
         with pytest.raises(HypervisorError) as caught:
             future.result(timeout=20.0)
     assert caught.value.details.get("aborted") is True, caught.value
     assert "aborted" in caught.value.message
-    guest.drivers[source].abort_migration(guest.spec.uuid)  # nothing runs now: no-op
+    assert guest.drivers[source].abort_migration(guest.spec.uuid) is False  # none runs now
     assert guest.at == source
     guest.assert_alive_here(beats_after=before)
     print(f"abort: {caught.value}")

@@ -272,6 +272,30 @@ async def test_converge_after_named_restarts(tmp_path: Path) -> None:
     assert server.pid is None
 
 
+async def test_updates_keep_one_connection_per_zone_and_outlive_its_loss(
+        tmp_path: Path) -> None:
+    server = Named(tmp_path / "named", ZONES)
+    server.start()
+    try:
+        backend = rfc2136_backend(server)
+        for i in range(5):
+            await backend.apply(ChangeSet(adds=set(vm_records(f"vm{i}.usher.test",
+                                                              f"10.1.3.{i + 1}"))))
+        assert (backend.updates_sent, backend.connections_made) == (10, 2)
+        # named's restart closes both connections: the next UPDATEs reconnect.
+        await asyncio.to_thread(server.stop)
+        await asyncio.to_thread(server.start)
+        await backend.apply(ChangeSet(adds=set(vm_records("vm9.usher.test", "10.1.3.9"))))
+        assert (backend.updates_sent, backend.connections_made) == (12, 4)
+        assert await dig_short(server.port, "vm9.usher.test") == {"10.1.3.9"}
+        assert await dig_short(server.port, "-x", "10.1.3.9") == {"vm9.usher.test."}
+        await backend.close()
+        with pytest.raises(DnsError, match="closed"):
+            await backend.apply(ChangeSet(adds=set(vm_records("vm8.usher.test", "10.1.3.8"))))
+    finally:
+        server.stop()
+
+
 # ------------------------------------------------------------------ configuration
 def test_parse_key_file_reads_tsig_keygen_output(named: Named, tmp_path: Path) -> None:
     assert parse_key_file(named.key_file) == (named.key_name, "hmac-sha256", named.key_secret)

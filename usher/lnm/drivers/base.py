@@ -461,8 +461,9 @@ class HypervisorDriver(abc.ABC):
         """
 
     @abc.abstractmethod
-    def abort_migration(self, uuid: str) -> None:
-        """Abort the domain's outgoing live migration; no migration running: no-op.
+    def abort_migration(self, uuid: str) -> bool:
+        """Abort the domain's outgoing live migration; True if one was running and
+        the hypervisor took the abort, False (and nothing done) if none runs.
 
         May be called from any thread while :meth:`migrate_live` runs (it does
         not wait for it); that call then fails with HypervisorError

@@ -288,10 +288,11 @@ class FakeDriver(HypervisorDriver):
         raise MigrationUnsupported("the fake host cannot migrate domains live",
                                    details={"uuid": uuid, "target": target_uri})
 
-    def abort_migration(self, uuid: str) -> None:
+    def abort_migration(self, uuid: str) -> bool:
         """See :meth:`HypervisorDriver.abort_migration`: no migration ever runs."""
         with self._lock:
             self._get(uuid)
+        return False
 
     def open_console(self, uuid: str, on_data: Callable[[bytes], None],
                      on_end: Callable[[str], None]) -> ConsoleStream:

@@ -708,13 +708,13 @@ class LibvirtDriver(HypervisorDriver):
             except UsherError:
                 log.exception("removing the DHCP entry of migrated %s failed", name)
 
-    def abort_migration(self, uuid: str) -> None:
+    def abort_migration(self, uuid: str) -> bool:
         """See :meth:`HypervisorDriver.abort_migration`. Takes no lock: it must
         get through while :meth:`migrate_live` runs."""
         dom = self._lookup(uuid)
         if not self.capabilities.live_migration:
-            return  # nothing can be migrating
-        abort_outgoing(dom, dom.name())
+            return False  # nothing can be migrating
+        return abort_outgoing(dom, dom.name())
 
     def move_stopped(self, uuid: str, target_uri: str, *, migrate_uri: str | None = None,
                      tls: bool = False, timeout_s: float,
