@@ -272,20 +272,39 @@ def test_addresses_become_dhcp_host_entries(tmp_path: Path) -> None:
         driver.define(addressed(3, "192.168.50.7"))  # outside the network: left alone
         for n in (1, 2, 3):  # the entry is written beside the boot, done when start is
             driver.start(spec(n).uuid)
-        assert dhcp_hosts(driver) == {(spec(1).mac, "10.87.0.5", "vm1"),
-                                      (spec(2).mac, "10.87.0.6", "vm2")}
+        assert dhcp_hosts(driver) == {(spec(1).mac, "10.87.0.5", ""),
+                                      (spec(2).mac, "10.87.0.6", "")}
         driver.undefine(spec(1).uuid)
-        assert dhcp_hosts(driver) == {(spec(2).mac, "10.87.0.6", "vm2")}
+        assert dhcp_hosts(driver) == {(spec(2).mac, "10.87.0.6", "")}
     finally:
         driver.close()
     # libvirt's test driver keeps networks in memory: after a restart the
     # node manager rebuilds the entries from the domains' metadata.
     again = open_networked(path)
     try:
-        assert dhcp_hosts(again) == {(spec(2).mac, "10.87.0.6", "vm2")}
+        assert dhcp_hosts(again) == {(spec(2).mac, "10.87.0.6", "")}
         assert "<network><name>usher</name>" in path.read_text()  # kept in the file
     finally:
         again.close()
+
+
+def test_vms_that_share_a_short_name_each_get_their_entry(tmp_path: Path) -> None:
+    import dataclasses
+
+    driver = open_networked(tmp_path / "h.xml")
+    try:
+        # The same first label (two clusters of one user, two users) and one
+        # that starts with a digit: entries carry no name, so none collides.
+        names = ["web.a.seuss.usher.test", "web.b.seuss.usher.test", "1.burst.seuss.usher.test",
+                 "1.seq.seuss.usher.test"]
+        specs = [dataclasses.replace(addressed(n, f"10.87.0.{20 + n}"), name=name)
+                 for n, name in enumerate(names, start=1)]
+        for s in specs:
+            driver.define(s)
+            driver.start(s.uuid)
+        assert dhcp_hosts(driver) == {(s.mac, s.ip, "") for s in specs}
+    finally:
+        driver.close()
 
 
 def test_a_kernel_booted_directly_gets_its_address_on_the_command_line_only(
@@ -317,7 +336,7 @@ def test_a_domain_that_arrived_by_migration_gets_its_dhcp_entry_when_adopted(
         for _ in range(2):  # a repeat adds no second entry
             assert driver.adopt_incoming(arrived.uuid).uuid == arrived.uuid
         driver.adopt_incoming(booted.uuid)  # its address is on its command line
-        assert dhcp_hosts(driver) == {(arrived.mac, "10.87.0.5", "vm1")}
+        assert dhcp_hosts(driver) == {(arrived.mac, "10.87.0.5", "")}
     finally:
         driver.close()
 

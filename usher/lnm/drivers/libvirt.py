@@ -764,7 +764,7 @@ class LibvirtDriver(HypervisorDriver):
                 facts = parse_domain_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
             if facts.ip is not None and facts.mac is not None and facts.owner is not None \
                     and not facts.kernel_boot:
-                self._dhcp_add(facts.name, facts.mac, facts.ip)
+                self._dhcp_add(facts.mac, facts.ip)
             return self._info(dom)
 
     def open_console(self, uuid: str, on_data: Callable[[bytes], None],
@@ -861,7 +861,7 @@ class LibvirtDriver(HypervisorDriver):
 
         def job() -> None:
             try:
-                self._dhcp_add(name, mac, ip)
+                self._dhcp_add(mac, ip)
             except BaseException as exc:  # handed to whoever waits for the job
                 errors.append(exc)
                 log.warning("DHCP entry of %s: %s", name, exc)
@@ -894,11 +894,11 @@ class LibvirtDriver(HypervisorDriver):
         with contextlib.suppress(UsherError):
             self._dhcp_wait(uuid)
 
-    def _dhcp_add(self, name: str, mac: str, ip: str) -> None:
+    def _dhcp_add(self, mac: str, ip: str) -> None:
         with self._dhcp_lock:
-            self._dhcp_add_locked(name, mac, ip)
+            self._dhcp_add_locked(mac, ip)
 
-    def _dhcp_add_locked(self, name: str, mac: str, ip: str) -> None:
+    def _dhcp_add_locked(self, mac: str, ip: str) -> None:
         index = self._dhcp_section(ip)
         if index is None:
             return
@@ -912,7 +912,7 @@ class LibvirtDriver(HypervisorDriver):
                               _dhcp_host_xml(*old))
             hosts.discard(old)
         self._dhcp_update(libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, index,
-                          _dhcp_host_xml(mac, ip, name))
+                          _dhcp_host_xml(mac, ip))
         hosts.add((mac, ip))
 
     def _dhcp_remove(self, mac: str, ip: str) -> None:
@@ -940,7 +940,7 @@ class LibvirtDriver(HypervisorDriver):
                 facts = parse_domain_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
             if facts.ip is not None and facts.mac is not None and facts.owner is not None \
                     and not facts.kernel_boot:
-                self._dhcp_add(facts.name, facts.mac, facts.ip)
+                self._dhcp_add(facts.mac, facts.ip)
 
     # -- helpers ---------------------------------------------------------------
 
@@ -1016,12 +1016,13 @@ class LibvirtDriver(HypervisorDriver):
             self._fake_host.save(self._conn, changed=changed)
 
 
-def _dhcp_host_xml(mac: str | None, ip: str | None, name: str | None = None) -> str:
+def _dhcp_host_xml(mac: str | None, ip: str | None) -> str:
+    # No name: libvirt refuses a second entry with the same one (web.a and web.b
+    # of one user, or two users' web) and names that start with a digit. The
+    # guest's name is in DNS and, for kernel boots, on its command line.
     host = ET.Element("host")
     if mac:
         host.set("mac", mac)
-    if name:
-        host.set("name", name.split(".")[0])
     if ip:
         host.set("ip", ip)
     return ET.tostring(host, encoding="unicode")
