@@ -50,7 +50,7 @@ from usher.protocol.ops import ArtifactMsg, BootMsg, ImageInfo, StartOptions
 
 log = logging.getLogger(__name__)
 
-URL_SCHEMES = ("file", "http", "https")
+URL_SCHEMES = ("file", "http", "https", "nfs")
 """Schemes of image URLs: the node managers' fetchers (usher.lnm.images)."""
 
 DISK_FORMATS = ("qcow2", "raw")
@@ -325,6 +325,10 @@ def check_url(url: str, flag: str) -> str:
                                 f"path on each host")
     elif not parts.hostname:
         raise InvalidOption(f"{flag} {url}: the URL names no server")
+    elif parts.scheme == "nfs" and parts.port is not None:
+        # libnfs ignores it and would ask the standard port.
+        raise InvalidOption(f"{flag} {url}: give an NFS server's port as ?nfsport=N, not "
+                            f"after the server's name")
     return url
 
 

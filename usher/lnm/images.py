@@ -4,7 +4,7 @@ A site admin registers images with the controller (a URL and a SHA-256 for the
 disk, the kernel and the initrd, and a pinned disk format); users only name
 them. When a VM is defined, the node manager asks its :class:`ImageStore` for
 the files: each artifact is fetched once by its URL scheme's fetcher
-(``file``, ``http``, ``https``; more through :func:`register_fetcher`), checked
+(``file``, ``http``, ``https``, ``nfs``; more through :func:`register_fetcher`), checked
 against its SHA-256 while it is written, and kept read-only under
 ``ROOT/base/<sha256>``, so every VM on the host that uses it shares one copy and
 a changed file at the URL is caught, never used. A VM's disk is a qcow2 overlay
@@ -12,6 +12,11 @@ a changed file at the URL is caught, never used. A VM's disk is a qcow2 overlay
 (``-F``: formats are never guessed), and a base that is a qcow2 with a backing
 file of its own is refused (no backing chains from outside). Destroying a VM
 deletes its overlay, never a base.
+
+``nfs://SERVER/EXPORT/PATH`` URLs need no kernel NFS client and no mount:
+libnfs's user-space client (``nfs-ls`` and ``nfs-cp`` from Debian's
+``libnfs-utils``) reads the file itself, and libnfs's URL arguments pass
+through (``?version=4&nfsport=2049`` and the like; see :func:`_fetch_nfs`).
 
 Live migration without shared storage copies only the overlay's blocks
 (libvirt's incremental storage copy) into an empty overlay that the target
@@ -36,6 +41,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -64,7 +70,8 @@ Fetcher = Callable[[str, Path, float, int], None]
 """``fetch(url, dest, timeout_s, max_bytes)`` writes the URL's bytes to ``dest``.
 
 Raises NotFound when the URL names nothing, ImageError for any other failure
-(including more than ``max_bytes``), TimedOut when ``timeout_s`` passes.
+(including more than ``max_bytes``), TimedOut when ``timeout_s`` passes. A
+fetcher may refuse a URL it cannot use with InvalidRequest, before fetching.
 """
 
 
@@ -131,12 +138,181 @@ def _fetch_http(url: str, dest: Path, timeout_s: float, max_bytes: int) -> None:
         raise ImageError(f"fetching {url} failed: {reason}") from None
 
 
+_NFS_MISSING = re.compile(r"NOENT|No such file", re.IGNORECASE)
+# What libnfs 4.0 says, when its mount fails, if no NFS service answered at
+# all: nothing listening ("nfs_service failed"), a name it cannot resolve
+# ("Failed to start connection ... Can not resolv"), a network that refuses.
+# A server that answers and refuses says so with an NFS4ERR_*/MNT3ERR_* status.
+_NFS_UNREACHABLE = re.compile(r"nfs_service failed|connect|resolv|refused|unreachable",
+                              re.IGNORECASE)
+# An ``nfs-ls`` line: type and mode, links, uid, gid, size, then the name after
+# exactly one space (so names with spaces parse).
+_NFS_LS_ENTRY = re.compile(r"^(?P<mode>\S+) +\d+ +-?\d+ +-?\d+ +(?P<size>\d+) (?P<name>.*)$")
+_NFS_DETAIL_MAX = 300
+
+
+def _fetch_nfs(url: str, dest: Path, timeout_s: float, max_bytes: int) -> None:
+    """Copy ``nfs://SERVER/EXPORT/PATH[?ARGS]`` with libnfs's ``nfs-cp``: no kernel mount.
+
+    libnfs speaks NFS itself, as the calling user (AUTH_SYS with the node
+    manager's uid: from root, a root-squashing export must make its images
+    world-readable). ``ARGS`` are libnfs's URL arguments and pass through
+    unchanged: ``?version=4&nfsport=2049`` reaches an NFSv4 server without
+    rpcbind (libnfs 4.0, Debian 12's, speaks NFSv3 through the portmapper
+    unless told otherwise, and reads no ``:PORT`` after the server). The path is
+    taken literally: libnfs decodes no ``%XX``.
+
+    The file's size comes first from a listing of its directory (``nfs-ls``),
+    so an image larger than ``max_bytes`` is refused before any byte of it
+    moves; it is checked again after the copy, for a file that grew in
+    between or is a symbolic link (the listing gives the link's own size).
+    ``timeout_s`` bounds the listing and the copy together.
+
+    Raises:
+        InvalidRequest: the URL names no server, no export and file, has a
+            user, a ``:PORT`` (give ``?nfsport=PORT``), a fragment or a
+            control character.
+        NotFound: the server has no such export or file.
+        ImageError: the server cannot be reached or refuses, the file is
+            larger than ``max_bytes``, libnfs-utils is not installed, or the
+            copy fails (nfs-cp's first error line is in the message). What
+            was written to ``dest`` is deleted.
+        TimedOut: listing and copying took longer than ``timeout_s``.
+    """
+    nfs = _NfsUrl.parse(url)
+    nfs_ls, nfs_cp = shutil.which("nfs-ls"), shutil.which("nfs-cp")
+    if nfs_ls is None or nfs_cp is None:
+        raise ImageError(f"cannot fetch {url}: nfs-ls and nfs-cp are not installed on this "
+                         f"host; install Debian's libnfs-utils")
+    deadline = time.monotonic() + timeout_s
+    size = _nfs_size(nfs_ls, nfs, deadline, timeout_s)
+    if size is not None and size > max_bytes:
+        raise ImageError(f"image {url} is larger than {max_bytes} bytes ({size} bytes); "
+                         f"raise the node manager's size limit or use a smaller image")
+    try:
+        proc = _run_nfs_tool([nfs_cp, nfs.source, str(dest)], nfs, deadline, timeout_s)
+        if proc.returncode != 0:
+            raise _nfs_failure(nfs, proc.stderr + proc.stdout)
+        written = dest.stat().st_size
+        if written > max_bytes:
+            raise ImageError(f"image {url} is larger than {max_bytes} bytes ({written} "
+                             f"bytes); raise the node manager's size limit or use a "
+                             f"smaller image")
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True, slots=True)
+class _NfsUrl:
+    """An ``nfs`` image URL taken apart for libnfs's tools."""
+
+    url: str  # as given, for messages
+    source: str  # the file, for nfs-cp
+    listing: str  # its directory, for nfs-ls
+    host: str
+    name: str  # the file's name in its directory
+
+    @classmethod
+    def parse(cls, url: str) -> _NfsUrl:
+        """Raises InvalidRequest: see :func:`_fetch_nfs`."""
+        hint = "write it as nfs://SERVER/EXPORT/PATH[?LIBNFS-ARGS]"
+        if any(ord(c) < 0x20 or ord(c) == 0x7f for c in url):
+            raise InvalidRequest(f"NFS image URL {url!r} holds a control character; {hint}")
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise InvalidRequest(f"NFS image URL {url} is malformed ({exc}); {hint}") from None
+        if not parts.hostname:
+            raise InvalidRequest(f"NFS image URL {url} names no NFS server; {hint}")
+        if port is not None:
+            raise InvalidRequest(f"NFS image URL {url} gives a port after the server, which "
+                                 f"libnfs does not read; give it as ?nfsport={port}")
+        if parts.username is not None or parts.password is not None:
+            raise InvalidRequest(f"NFS image URL {url} names a user; libnfs takes uid= and "
+                                 f"gid= arguments instead")
+        if parts.fragment or url.endswith("#"):
+            raise InvalidRequest(f"NFS image URL {url} has a #fragment; {hint}")
+        directory, _, name = parts.path.rpartition("/")
+        # libnfs mounts everything before the last "/" and opens the rest, so
+        # both must be there: nfs://SERVER/FILE would mount an empty export path.
+        if not directory or not name:
+            raise InvalidRequest(f"NFS image URL {url} names no export and file on the "
+                                 f"server; {hint}")
+        # nfs-cp tells its NFS side from a local file by a literal "nfs://" prefix.
+        query = f"?{parts.query}" if parts.query else ""
+        return cls(url=url, source=f"nfs://{parts.netloc}{parts.path}{query}",
+                   listing=f"nfs://{parts.netloc}{directory}{query}", host=parts.hostname,
+                   name=name)
+
+
+def _nfs_size(nfs_ls: str, nfs: _NfsUrl, deadline: float, timeout_s: float) -> int | None:
+    """The size of the file from a listing of its directory; None if that cannot tell.
+
+    Raises NotFound (no such export), ImageError (the server cannot be
+    mounted) or TimedOut, like :func:`_fetch_nfs`.
+    """
+    proc = _run_nfs_tool([nfs_ls, nfs.listing], nfs, deadline, timeout_s)
+    if proc.returncode != 0:
+        output = proc.stderr + proc.stdout
+        if "Failed to mount" in output:
+            raise _nfs_failure(nfs, output)
+        # The directory may be unreadable while the file is not (an
+        # execute-only directory): nfs-cp decides, and the size is checked after.
+        log.debug("cannot list the directory of %s, copying without a size check first: %s",
+                  nfs.url, output.strip())
+        return None
+    for line in proc.stdout.splitlines():
+        entry = _NFS_LS_ENTRY.match(line)
+        if entry and entry["name"] == nfs.name:
+            # Only a regular file's listed size is its content's size.
+            return int(entry["size"]) if entry["mode"].startswith("-") else None
+    # Not listed is not proof of absence: a server may list from a stale
+    # cache (nfs-ganesha does, for files made behind its back) while its
+    # lookup by name finds the file. nfs-cp's open decides.
+    return None
+
+
+def _run_nfs_tool(argv: list[str], nfs: _NfsUrl, deadline: float,
+                  timeout_s: float) -> subprocess.CompletedProcess[str]:
+    remaining = deadline - time.monotonic()
+    try:
+        if remaining <= 0:
+            raise subprocess.TimeoutExpired(argv, timeout_s)
+        return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              errors="replace", timeout=remaining)
+    except subprocess.TimeoutExpired:
+        raise TimedOut(f"fetching {nfs.url} took longer than {timeout_s:g} s; is NFS server "
+                       f"{nfs.host} answering?") from None
+    except OSError as exc:
+        raise ImageError(f"cannot run {argv[0]} to fetch {nfs.url}: {exc.strerror}") from None
+
+
+def _nfs_failure(nfs: _NfsUrl, output: str) -> NotFound | ImageError:
+    """The error for a failed nfs-ls or nfs-cp, from what it printed."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    detail = lines[0][:_NFS_DETAIL_MAX] if lines else "no message"
+    if _NFS_MISSING.search(output):
+        return NotFound(f"image {nfs.url} does not exist on NFS server {nfs.host} "
+                        f"({detail}); check the export and path in the URL")
+    if "Failed to mount" in output and _NFS_UNREACHABLE.search(output):
+        return ImageError(f"cannot reach NFS server {nfs.host} for {nfs.url} ({detail}); "
+                          f"check that it runs and that the URL's version= and nfsport= "
+                          f"match it")
+    return ImageError(f"fetching {nfs.url} failed: {detail}")
+
+
 FETCHERS: dict[str, Fetcher] = {"file": _fetch_file, "http": _fetch_http,
-                                "https": _fetch_http}
+                                "https": _fetch_http, "nfs": _fetch_nfs}
 
 
 def register_fetcher(scheme: str, fetcher: Fetcher) -> None:
-    """Make ``scheme://`` URLs fetchable (a site plugin: an NFS mount, S3, ...)."""
+    """Make ``scheme://`` URLs fetchable by ``fetcher`` (a site plugin: S3, a CDN ...).
+
+    A plugin may also replace a built-in fetcher, e.g. ``nfs`` by one that
+    reads the export where the site mounts it on every host.
+    """
     FETCHERS[scheme] = fetcher
 
 
@@ -179,7 +355,8 @@ class ImageStore:
         """The local, verified, read-only copy of ``artifact``, fetched if needed.
 
         Raises:
-            InvalidRequest: a malformed artifact (checksum, format, scheme).
+            InvalidRequest: a malformed artifact (checksum, format, scheme, or a
+                URL its scheme's fetcher cannot use).
             NotFound: the URL names nothing.
             ImageError: the download failed, is too large, fails its checksum,
                 or is a qcow2 with a backing file of its own.

@@ -74,8 +74,10 @@ def test_image_add_list_del(run: Run, tmp_path: Path) -> None:
      "give its checksum with --disk-sha256 HEX"),
     (["add", "x", "--kernel", "https://h/k"], "give its checksum with --kernel-sha256 HEX"),
     (["add", "x", "--disk", "http://h/d.raw", "--disk-sha256", SHA], "--disk needs --format"),
-    (["add", "x", "--kernel", "nfs://h/k", "--kernel-sha256", SHA],
-     "unknown URL scheme nfs; use one of file, http, https"),
+    (["add", "x", "--kernel", "ftp://h/k", "--kernel-sha256", SHA],
+     "unknown URL scheme ftp; use one of file, http, https, nfs"),
+    (["add", "x", "--kernel", "nfs://h:2049/export/k", "--kernel-sha256", SHA],
+     "give an NFS server's port as ?nfsport=N"),
     (["add", "x", "--description", "nothing"], "needs a disk"),
     (["add", "Bad", "--kernel", "http://h/k", "--kernel-sha256", SHA], "bad image name"),
 ])
@@ -85,6 +87,13 @@ def test_bad_image_add(run: Run, argv: list[str], message: str) -> None:
     assert err.startswith("usher-controller: ") and message in err
     assert len(err.splitlines()) == 1
     assert run("list")[1].splitlines()[1:] == []
+
+
+def test_an_nfs_image_is_registered_by_url(run: Run) -> None:
+    url = "nfs://10.0.0.5/export/images/k?version=4&nfsport=2049"
+    code, _, err = run("add", "nk", "--kernel", url, "--kernel-sha256", SHA)
+    assert code == 0, err
+    assert url in run("list", "-l")[1]
 
 
 def test_missing_file_is_not_found(run: Run, tmp_path: Path) -> None:

@@ -210,7 +210,7 @@ def test_file_urls_are_hashed_here(tmp_path: Path) -> None:
     ({"disk": "http://h/d", "disk_format": "qcow2"}, "give its checksum with --disk-sha256"),
     ({"kernel": "https://h/k"}, "give its checksum with --kernel-sha256"),
     ({"kernel": "ftp://h/k", "kernel_sha256": SHA_B},
-     "unknown URL scheme ftp; use one of file, http, https"),
+     "unknown URL scheme ftp; use one of file, http, https, nfs"),
     ({"kernel": "h/k", "kernel_sha256": SHA_B}, "unknown URL scheme (none)"),
     ({"disk": "http://h/d", "disk_format": "vmdk", "disk_sha256": SHA_A}, "not one of"),
     ({"kernel": "http://h/k", "kernel_sha256": "xyz"}, "is not a SHA-256"),
