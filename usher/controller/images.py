@@ -265,7 +265,8 @@ def parse_fs_uri(text: str, *, site_admin: bool) -> tuple[ArtifactMsg | None, st
                                    "(image_list)")
         return _disk_url(text, parts), ""
     raise InvalidOption(f"--fs_uri {text}: give nfs://SERVER/PATH (an NFS root for the "
-                        f"kernel); site admins may give a {', '.join(URL_SCHEMES)} URL of a "
+                        f"kernel); site admins may give a "
+                        f"{', '.join(s for s in URL_SCHEMES if s != 'nfs')} URL of a "
                         f"disk with #sha256=HEX")
 
 
