@@ -27,10 +27,12 @@ the caller's business (``close`` then ``open``).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import ipaddress
 import logging
+import queue
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -295,9 +297,11 @@ class LibvirtDriver(HypervisorDriver):
         self.network = network
         self._dhcp: _Dhcp | None = None
         # DHCP updates of a live network cost ~0.3 s (libvirt reloads dnsmasq):
-        # they run beside the boot, serialised by their own lock.
+        # they run beside the boot, one after the other, on one worker thread
+        # (a thread per entry cost more than the entry on a busy host).
         self._dhcp_lock = threading.RLock()
-        self._dhcp_jobs: dict[str, tuple[threading.Thread, list[BaseException]]] = {}
+        self._dhcp_worker = _Worker("usher-dhcp")
+        self._dhcp_jobs: dict[str, concurrent.futures.Future[None]] = {}
         self.domain_type = domain_type or domain_type_for_uri(uri)
         self.capabilities = capabilities_for_uri(uri)
         self._fake_host = fake_host
@@ -852,23 +856,25 @@ class LibvirtDriver(HypervisorDriver):
         with libvirt_errors(f"update the DHCP hosts of network {self.network}"):
             if net.isActive():
                 flags |= libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE
+                if self._fake_host is not None:
+                    # Its definition lives in the host file and the entries are
+                    # rebuilt at open: a config copy would only cost (libvirt
+                    # copies the whole network per change: O(entries)).
+                    flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE
             net.update(command, libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, index, xml, flags)
 
     def _dhcp_add_soon(self, uuid: str, name: str, mac: str, ip: str) -> None:
-        """Start writing the domain's DHCP entry in a thread; :meth:`_dhcp_wait` joins it."""
+        """Queue the domain's DHCP entry on the DHCP worker; :meth:`_dhcp_wait` waits for it."""
         self._dhcp_wait_quietly(uuid)
-        errors: list[BaseException] = []
 
         def job() -> None:
             try:
                 self._dhcp_add(mac, ip)
-            except BaseException as exc:  # handed to whoever waits for the job
-                errors.append(exc)
+            except BaseException as exc:
                 log.warning("DHCP entry of %s: %s", name, exc)
+                raise  # to whoever waits for the job
 
-        thread = threading.Thread(target=job, name=f"usher-dhcp-{uuid[:8]}", daemon=True)
-        thread.start()
-        self._dhcp_jobs[uuid] = (thread, errors)
+        self._dhcp_jobs[uuid] = self._dhcp_worker.submit(job)
 
     def _dhcp_wait(self, uuid: str) -> None:
         """Wait for the domain's DHCP entry job, if any; raise what it raised.
@@ -879,16 +885,16 @@ class LibvirtDriver(HypervisorDriver):
         job = self._dhcp_jobs.pop(uuid, None)
         if job is None:
             return
-        thread, errors = job
-        thread.join(DHCP_UPDATE_TIMEOUT_S)
-        if thread.is_alive():
+        try:
+            job.result(DHCP_UPDATE_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
             raise HypervisorError(f"the DHCP entry on network {self.network} was not written "
-                                  f"within {DHCP_UPDATE_TIMEOUT_S:g} s")
-        if errors:
-            error = errors[0]
-            if isinstance(error, UsherError):
-                raise error
-            raise HypervisorError(f"the DHCP entry on network {self.network} failed: {error}")
+                                  f"within {DHCP_UPDATE_TIMEOUT_S:g} s") from None
+        except UsherError:
+            raise
+        except Exception as error:
+            raise HypervisorError(f"the DHCP entry on network {self.network} failed: "
+                                  f"{error}") from error
 
     def _dhcp_wait_quietly(self, uuid: str) -> None:
         with contextlib.suppress(UsherError):
@@ -1014,6 +1020,45 @@ class LibvirtDriver(HypervisorDriver):
             return
         with libvirt_errors(f"save fake host {self._fake_host.path}"):
             self._fake_host.save(self._conn, changed=changed)
+
+
+class _Worker:
+    """One daemon thread running submitted calls in order (started on first use).
+
+    A daemon, unlike a ThreadPoolExecutor's threads: a libvirt call that hangs
+    must not keep the node manager from exiting.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._queue: queue.SimpleQueue[tuple[Callable[[], None],
+                                             concurrent.futures.Future[None]]] = \
+            queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def submit(self, fn: Callable[[], None]) -> concurrent.futures.Future[None]:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._queue.put((fn, future))
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name=self._name,
+                                                    daemon=True)
+                    self._thread.start()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            fn, future = self._queue.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                fn()
+            except BaseException as exc:  # handed to whoever waits for the future
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
 
 
 def _dhcp_host_xml(mac: str | None, ip: str | None) -> str:
