@@ -432,6 +432,15 @@ def test_live_migration_unsupported_is_a_typed_error_and_changes_nothing(
     assert driver.get_domain(uuid).name == spec().name
 
 
+def test_address_ready_without_a_pending_address_returns_at_once(
+        driver: HypervisorDriver) -> None:
+    uuid = driver.define(spec()).uuid
+    assert driver.start(uuid, wait_address=False).state is DomainState.RUNNING
+    driver.address_ready(uuid)
+    driver.address_ready(uuid)  # nothing pending any more
+    driver.address_ready(running(driver, 2))
+
+
 def test_abort_migration_without_a_migration_is_a_no_op(driver: HypervisorDriver) -> None:
     uuid = running(driver)
     assert driver.abort_migration(uuid) is False

@@ -345,7 +345,12 @@ class NodeAgent:
             # up every other call on this host's hypervisor thread.
             boot = await self._fetch_boot(args.spec.uuid, args.spec.boot)
         try:
-            return await self._durably(self._work(op, args, boot))
+            result = await self._durably(self._work(op, args, boot))
+            if op.name == "node.define" and args.start:
+                # Beside the hypervisor thread, which meanwhile starts the next
+                # VM: a host's starts overlap their DHCP entries' writes.
+                await asyncio.to_thread(self.driver.address_ready, args.spec.uuid)
+            return result
         except BaseException:
             if boot is not None and boot.disk is not None:
                 await self._call(self._drop_unused_overlay, args.spec.uuid)
@@ -664,7 +669,9 @@ class NodeAgent:
 
             def define() -> DomainMsg:
                 info = d.define(spec)
-                return domain_msg(d.start(spec.uuid) if args.start else info)
+                # The address entry is waited for off this thread (see _handle).
+                return domain_msg(d.start(spec.uuid, wait_address=False) if args.start
+                                  else info)
             return define
         if op.name == "node.action":
             assert isinstance(args, ActionArgs)

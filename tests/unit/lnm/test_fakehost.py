@@ -288,6 +288,21 @@ def test_addresses_become_dhcp_host_entries(tmp_path: Path) -> None:
         again.close()
 
 
+def test_a_start_that_does_not_wait_for_the_address_leaves_it_to_address_ready(
+        tmp_path: Path) -> None:
+    driver = open_networked(tmp_path / "h.xml")
+    try:
+        specs = [addressed(n, f"10.87.0.{40 + n}") for n in (1, 2, 3)]
+        for s in specs:  # as a node manager does for a burst: no waits between
+            driver.define(s)
+            driver.start(s.uuid, wait_address=False)
+        for s in specs:
+            driver.address_ready(s.uuid)
+        assert dhcp_hosts(driver) == {(s.mac, s.ip, "") for s in specs}
+    finally:
+        driver.close()
+
+
 def test_vms_that_share_a_short_name_each_get_their_entry(tmp_path: Path) -> None:
     import dataclasses
 

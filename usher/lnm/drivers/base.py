@@ -328,14 +328,28 @@ class HypervisorDriver(abc.ABC):
         """
 
     @abc.abstractmethod
-    def start(self, uuid: str) -> DomainInfo:
+    def start(self, uuid: str, *, wait_address: bool = True) -> DomainInfo:
         """Boot a stopped or crashed domain, or restore a hibernated one.
 
         Running: no-op. Emits ``RUNNING "started/booted"`` (or
-        ``"started/restored"``).
+        ``"started/restored"``). Returns once the domain runs and, with
+        ``wait_address``, once the delivery of its address that :meth:`define`
+        began (a DHCP host entry) is in place; without, the caller must call
+        :meth:`address_ready` before anyone relies on the VM.
 
         Raises:
             InvalidState: the domain is paused (use :meth:`resume`) or shutting down.
+            HypervisorError: (``wait_address``) the address could not be delivered.
+        """
+
+    @abc.abstractmethod
+    def address_ready(self, uuid: str) -> None:
+        """Wait until the delivery of the domain's address that :meth:`define`
+        began is in place; at once if none is pending. Any thread may call it,
+        it takes no lock the hypervisor's other calls need.
+
+        Raises:
+            HypervisorError: the address could not be delivered (in time).
         """
 
     @abc.abstractmethod

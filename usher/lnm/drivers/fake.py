@@ -194,7 +194,10 @@ class FakeDriver(HypervisorDriver):
         self._emit(info, "defined/added")
         return info
 
-    def start(self, uuid: str) -> DomainInfo:
+    def address_ready(self, uuid: str) -> None:
+        """See :meth:`HypervisorDriver.address_ready`: fake domains get no address entry."""
+
+    def start(self, uuid: str, *, wait_address: bool = True) -> DomainInfo:
         """See :meth:`HypervisorDriver.start`."""
         with self._lock:
             info = self._get(uuid)

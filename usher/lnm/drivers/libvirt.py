@@ -564,7 +564,7 @@ class LibvirtDriver(HypervisorDriver):
                 self._dhcp_add_soon(spec.uuid, spec.name, spec.mac, spec.ip)
             return self._info(dom)
 
-    def start(self, uuid: str) -> DomainInfo:
+    def start(self, uuid: str, *, wait_address: bool = True) -> DomainInfo:
         """See :meth:`HypervisorDriver.start`; a hibernated domain is restored by
         the same virDomainCreate that boots a stopped one."""
         with self._changing(uuid):
@@ -578,8 +578,13 @@ class LibvirtDriver(HypervisorDriver):
                 dom.create()
             # The guest asks for its address seconds after create: the DHCP
             # entry was being written meanwhile; a failure fails the start.
-            self._dhcp_wait(uuid)
+            if wait_address:
+                self._dhcp_wait(uuid)
             return self._info(dom)
+
+    def address_ready(self, uuid: str) -> None:
+        """See :meth:`HypervisorDriver.address_ready`: waits for the DHCP entry's job."""
+        self._dhcp_wait(uuid)
 
     def shutdown(self, uuid: str, timeout_s: float) -> DomainInfo:
         """See :meth:`HypervisorDriver.shutdown`. Uses the hypervisor's default
