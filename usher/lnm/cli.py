@@ -4,10 +4,15 @@
 
     usher-lnm [--config PATH] [--hostname NAME]
     usher-lnm --config PATH --fake-host --cpus N --memory MiB [--fake-host-file PATH]
+    usher-lnm [--config PATH] libvirt-pki [--pkipath DIR] [--qemu-dir DIR | --no-qemu] [--force]
 
 With ``--fake-host`` the host is a libvirt test-driver host of the given
 size, kept in a host file that records its domains and their run states, so a
 restarted node manager finds what its host still runs.
+
+``libvirt-pki`` copies the host's site certificate, its key and the site CA to
+where libvirt and QEMU read them (see :mod:`usher.lnm.libvirt_pki`), for live
+migration over ``qemu+tls://``, and exits.
 """
 
 from __future__ import annotations
@@ -94,7 +99,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", type=int, help="fake host: memory in MiB")
     p.add_argument("--fake-host-file", help="fake host: its host file")
     p.add_argument("--log-level", default="INFO")
+    commands = p.add_subparsers(dest="command", metavar="COMMAND")
+    pki = commands.add_parser(
+        "libvirt-pki", help="install this host's certificate for libvirt and QEMU TLS",
+        description="Copy the host certificate, its key and the site CA (from the config) "
+                    "to libvirt's and QEMU's TLS file locations, for live migration over "
+                    "qemu+tls://.")
+    pki.add_argument("--pkipath", type=Path,
+                     help="one directory for libvirt's five files (as ?pkipath=DIR takes "
+                          "them); default: /etc/pki/CA and /etc/pki/libvirt")
+    where = pki.add_mutually_exclusive_group()
+    where.add_argument("--qemu-dir", type=Path, default=Path("/etc/pki/qemu"),
+                       help="QEMU's default_tls_x509_cert_dir (default: %(default)s)")
+    where.add_argument("--no-qemu", action="store_true",
+                       help="libvirt only (no VIR_MIGRATE_TLS for the migration stream)")
+    pki.add_argument("--force", action="store_true",
+                     help="replace files that exist with other content")
     return p
+
+
+def install_libvirt_pki(cfg: LnmConfig, args: argparse.Namespace) -> int:
+    """``usher-lnm libvirt-pki``: install and say what was done."""
+    from usher.lnm.libvirt_pki import install
+
+    done = install(Path(cfg.ca_cert), Path(cfg.cert), Path(cfg.key), pkipath=args.pkipath,
+                   qemu_dir=None if args.no_qemu else args.qemu_dir, force=args.force)
+    for path in done.written:
+        print(f"wrote {path}")
+    if done.unchanged:
+        print(f"{len(done.unchanged)} file(s) already up to date")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_toml(LnmConfig, Path(args.config))
+        if args.command == "libvirt-pki":
+            return install_libvirt_pki(cfg, args)
         changes: dict[str, object] = {}
         if args.hostname:
             changes["hostname"] = validate_domain(args.hostname)
