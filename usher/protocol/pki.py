@@ -189,8 +189,12 @@ def issue_cert(ca_cert_pem: bytes, ca_key_pem: bytes, *, common_name: str, role:
         .not_valid_before(now - _BACKDATE)
         .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        # libvirt refuses a TLS certificate whose critical key usage lacks
+        # keyEncipherment (meaningless for EC keys, but checked): hosts serve
+        # theirs to libvirtd and QEMU for migration.
         .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
+            digital_signature=True, content_commitment=False,
+            key_encipherment=role == "host",
             data_encipherment=False, key_agreement=False, key_cert_sign=False,
             crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage(_EKU[role]), critical=False)

@@ -34,11 +34,15 @@ Role = Literal["controller", "host"]
 ROLES: tuple[str, ...] = get_args(Role)
 
 #: The role extension: under the UUID arc 2.25 (ITU-T X.667), so no OID
-#: registration is needed. The UUID is f83efaab-c112-4e6c-bbc8-f08d51ca4c63, a
-#: uuid4 drawn once for usher; never change it, or existing certificates lose
-#: their role.
-ROLE_OID_DOTTED = "2.25.329975549570057736560558771982947732579"
+#: registration is needed. Its arc is the low 56 bits of f83efaab-c112-4e6c-
+#: bbc8-f08d51ca4c63, a uuid4 drawn once for usher: GnuTLS (so libvirt and
+#: QEMU, which serve host certificates for TLS migration) refuses to parse a
+#: certificate with an OID arc of 64 bits or more, which the full UUID is.
+ROLE_OID_DOTTED = "2.25.56559485095398499"
 ROLE_OID = ROLE_OID_DOTTED
+#: The role extension's OID in certificates issued before the change (the full
+#: UUID): still read, never written. Never change either.
+LEGACY_ROLE_OID_DOTTED = "2.25.329975549570057736560558771982947732579"
 
 StrPath = str | os.PathLike[str]
 _UTF8STRING = 0x0C
@@ -59,7 +63,7 @@ def _encode_oid(dotted: str) -> bytes:
     return bytes(out)
 
 
-_ROLE_OID_DER = _encode_oid(ROLE_OID_DOTTED)
+_ROLE_OID_DERS = (_encode_oid(ROLE_OID_DOTTED), _encode_oid(LEGACY_ROLE_OID_DOTTED))
 
 
 def _tlv(der: bytes, pos: int, end: int) -> tuple[int, int, int]:
@@ -105,7 +109,7 @@ def _role_from_der(der: bytes) -> str | None:
         for _, ext_start, ext_end in _children(der, exts_start, exts_end):
             parts = list(_children(der, ext_start, ext_end))
             _, oid_start, oid_end = parts[0]
-            if der[oid_start:oid_end] == _ROLE_OID_DER:
+            if der[oid_start:oid_end] in _ROLE_OID_DERS:
                 _, value_start, value_end = parts[-1]  # the OCTET STRING
                 return _parse_der_utf8string(der[value_start:value_end])
         return None

@@ -12,8 +12,10 @@ namespace, as ``reference/platform-notes.md`` describes:
   inside through ``nsenter -t ANCHOR``.
 * Each libvirtd has its own ``host_uuid`` (libvirt will not migrate to "the same
   host"), listens on TCP on its own address without authentication (tests
-  only), runs QEMU as root without cgroups, dynamic ownership or a security
-  driver, and tells QEMU to take migrations on its own address.
+  only) and on TLS with a host certificate of a site CA made here, laid out by
+  the product's ``usher-lnm libvirt-pki`` code (:attr:`TestHost.tls_uri`), runs
+  QEMU as root without cgroups, dynamic ownership or a security driver, and
+  tells QEMU to take migrations on its own address.
 * A switch namespace holds a bridge; a veth pair joins it to a bridge inside
   each host that carries the host's address. A libvirt network on every host
   (:data:`NETWORK`) puts guests on that bridge, so all guests and hosts share
@@ -52,6 +54,8 @@ from typing import Any, TypeVar
 import libvirt
 
 from usher.lnm.kvm import fix_kvm_permissions
+from usher.lnm.libvirt_pki import install as install_pki
+from usher.protocol.pki import SitePki, issue_host_cert_files, write_site_pki
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,11 @@ NETWORK = "usher-seg"
 """The libvirt network, on every host, that puts guests on the shared segment."""
 
 LIBVIRT_PORT = 16509
+LIBVIRT_TLS_PORT = 16514
+PKI_DIR = "/etc/libvirt/pki"
+"""Inside each host (its private /etc/libvirt): libvirt's TLS files, one directory."""
+QEMU_PKI_DIR = "/etc/libvirt/pki-qemu"
+"""Inside each host: QEMU's TLS files (``default_tls_x509_cert_dir``)."""
 
 _ROUTE_TYPES = frozenset({"unicast", "local", "broadcast", "multicast", "unreachable",
                           "blackhole", "prohibit", "throw", "nat", "anycast"})
@@ -192,6 +201,11 @@ class TestHost:
     def tcp_uri(self) -> str:
         """The URI other hosts use to reach this one (plain TCP: tests only)."""
         return f"qemu+tcp://{self.ip}/system"
+
+    @property
+    def tls_uri(self) -> str:
+        """The URI other hosts use to reach this one over TLS (site certificates)."""
+        return f"qemu+tls://{self.ip}/system?pkipath={PKI_DIR}"
 
     @property
     def store_dir(self) -> Path:
@@ -377,6 +391,7 @@ class HostCluster:
         self.bridge = f"{PREFIX}br"
         self.hosts: list[TestHost] = []
         self._namespaces: list[str] = []
+        self.pki: SitePki | None = None  # the site CA of the hosts' certificates
 
     def __enter__(self) -> HostCluster:
         try:
@@ -398,6 +413,8 @@ class HostCluster:
         self._check_subnet_unused()
         fix_kvm_permissions()  # or every libvirtd re-probes QEMU on every call
         self.store_path.mkdir()
+        self.pki = write_site_pki(self.base / "pki", site="usher.test",
+                                  controller_names=["localhost"])
         self._add_netns(self.switch)
         self._ip(self.switch, "link", "add", self.bridge, "type", "bridge",
                  "stp_state", "0", "forward_delay", "0")
@@ -465,9 +482,18 @@ class HostCluster:
         # networks or pools of the machine's own libvirtd come along.
         for sub in ("qemu", "storage", "secrets"):
             shutil.rmtree(etc / sub, ignore_errors=True)
+        # The host's certificate for its address, as usher-lnm libvirt-pki lays it out.
+        assert self.pki is not None
+        cert, key = issue_host_cert_files(self.pki, host.ip, host.root / "host-cert")
+        install_pki(self.pki.ca_cert, cert, key, pkipath=etc / "pki", qemu_dir=etc / "pki-qemu",
+                    qemu_group=None)
         (etc / "libvirtd.conf").write_text(
             f'host_uuid = "{host.host_uuid}"\n'
-            "listen_tls = 0\n"
+            "listen_tls = 1\n"
+            f'tls_port = "{LIBVIRT_TLS_PORT}"\n'
+            f'ca_file = "{PKI_DIR}/cacert.pem"\n'
+            f'cert_file = "{PKI_DIR}/servercert.pem"\n'
+            f'key_file = "{PKI_DIR}/serverkey.pem"\n'
             "listen_tcp = 1\n"
             f'listen_addr = "{host.ip}"\n'
             f'tcp_port = "{LIBVIRT_PORT}"\n'
@@ -475,7 +501,8 @@ class HostCluster:
             'auth_tcp = "none"\n'
             'auth_unix_rw = "none"\n'
             'auth_unix_ro = "none"\n'
-            'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n')
+            f'log_outputs = "{os.environ.get("USHER_TEST_LIBVIRTD_LOG_LEVEL", "3")}'
+            ':file:/var/log/libvirt/libvirtd.log"\n')
         (etc / "qemu.conf").write_text(
             'user = "root"\n'
             'group = "root"\n'
@@ -485,7 +512,9 @@ class HostCluster:
             # The hosts share one cgroupfs: cgroups would collide.
             "cgroup_controllers = [ ]\n"
             f'migration_address = "{host.ip}"\n'
-            f'migration_host = "{host.ip}"\n')
+            f'migration_host = "{host.ip}"\n'
+            f'default_tls_x509_cert_dir = "{QEMU_PKI_DIR}"\n'
+            "default_tls_x509_verify = 1\n")
 
     def _start_anchor(self, host: TestHost) -> None:
         mounts = [(host.root / sub, target) for sub, target in _PRIVATE_DIRS.items()]
@@ -585,6 +614,11 @@ class HostCluster:
         for name in reversed(self._namespaces):
             step(f"delete netns {name}", lambda n=name: _run(["ip", "netns", "del", n]))
         self._namespaces.clear()
+        keep = os.environ.get("USHER_TEST_KEEP_HOST_LOGS")
+        if keep:  # for a failure to be read afterwards
+            for host in self.hosts:
+                shutil.copytree(host.root / "log", Path(keep) / f"{self.base.name}-{host.name}",
+                                dirs_exist_ok=True)
         shutil.rmtree(self.base, ignore_errors=True)
         if problems:
             log.warning("teardown left problems: %s", "; ".join(problems))

@@ -21,6 +21,7 @@ import uuid as uuidlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -31,7 +32,9 @@ from tests.e2e.site import wait_for
 from usher.errors import HostUnavailable, HypervisorError, InvalidState, TimedOut
 from usher.lnm.drivers.base import DomainSpec, DomainState, MigrationPhase, ProgressCallback
 from usher.lnm.drivers.libvirt import LibvirtDriver
+from usher.lnm.libvirt_pki import install as install_pki
 from usher.lnm.tinyguest import TinyGuest, heartbeats, ready_fields
+from usher.protocol.pki import issue_host_cert_files, write_site_pki
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realguest, pytest.mark.timeout(120)]
 
@@ -91,13 +94,14 @@ class Guest:
         self.cluster.hosts[target].store("prepare_incoming", uuid=self.spec.uuid,
                                          artifact=self.artifact, size=size)
 
-    def migrate(self, target: int, **kw: Any) -> float:
-        """Move the guest to ``target`` as a node manager would; the seconds it took."""
+    def migrate(self, target: int, uri: str | None = None, **kw: Any) -> float:
+        """Move the guest to ``target`` (at its plain TCP URI unless given ``uri``)
+        as a node manager would; the seconds it took."""
         self.prepare_target(target)
         started = time.monotonic()
         try:
-            self.drivers[self.at].migrate_live(self.spec.uuid,
-                                               self.cluster.hosts[target].tcp_uri, **kw)
+            self.drivers[self.at].migrate_live(
+                self.spec.uuid, uri or self.cluster.hosts[target].tcp_uri, **kw)
         except BaseException:
             self.cluster.hosts[target].store("remove_overlay", uuid=self.spec.uuid)
             raise
@@ -214,6 +218,33 @@ def test_guest_keeps_running_and_answering_across_hops(guest: Guest) -> None:
         guest.host.run(["qemu-io", "-r", "-U", "-f", "qcow2", "-c",
                         f"read -P {PATTERN} 0 {PATTERN_LEN}", guest.spec.disk or ""])
     assert beats
+
+
+def test_a_hop_over_tls_with_the_sites_host_certificates(guest: Guest,
+                                                          tmp_path: Path) -> None:
+    source, target = guest.at, guest.other()
+    host = guest.cluster.hosts[target]
+    # A source whose client certificate is of another CA is refused by the
+    # target's libvirtd: nothing moves.
+    other = write_site_pki(tmp_path / "other", site="other.test", controller_names=["c"])
+    cert, key = issue_host_cert_files(other, guest.host.ip, tmp_path / "other-host")
+    install_pki(other.ca_cert, cert, key, pkipath=guest.host.root / "etc" / "pki-other",
+                qemu_dir=None)
+    before = heartbeats(guest.console())[-1]
+    with pytest.raises(HypervisorError) as caught:
+        guest.migrate(target, f"qemu+tls://{host.ip}/system?pkipath=/etc/libvirt/pki-other",
+                      tls=True, timeout_s=MIGRATION_TIMEOUT_S)
+    assert caught.value.details.get("phase") == MigrationPhase.CONNECT.value, caught.value
+    assert guest.at == source
+    guest.assert_alive_here(beats_after=before)
+    print(f"foreign CA: {caught.value.message}")
+
+    # The site's certificates: libvirtd's connection and QEMU's stream both TLS.
+    before = heartbeats(guest.console())[-1]
+    elapsed = guest.migrate(target, host.tls_uri, tls=True, timeout_s=MIGRATION_TIMEOUT_S)
+    assert guest.at == target
+    guest.assert_alive_here(beats_after=before)
+    print(f"hop {source + 1}->{target + 1} over TLS: {elapsed:.2f} s")
 
 
 def test_timeout_aborts_and_the_guest_stays(guest: Guest) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import ssl
 import stat
 from collections.abc import AsyncIterator, Callable
@@ -68,10 +69,42 @@ def load(path: Path) -> x509.Certificate:
 
 # --- certificates -----------------------------------------------------------
 
-def test_role_oid_is_under_the_uuid_arc() -> None:
+def test_role_oid_is_under_the_uuid_arc_and_readable_by_gnutls() -> None:
     arc, _, number = ROLE_OID.dotted_string.partition(".25.")
     assert arc == "2"
-    assert 0 < int(number) < 2**128
+    # GnuTLS (libvirt, QEMU) cannot parse a certificate with an arc of 64 bits or more.
+    assert 0 < int(number) < 2**56
+
+
+def test_a_host_certificate_parses_with_gnutls(site: Site) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("certtool") is None:
+        pytest.fail("certtool is missing: run ./scripts/setup (gnutls-bin)")
+    out = subprocess.run(["certtool", "-i", "--infile", str(site.host_cert)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert ROLE_OID_DOTTED in out.stdout
+
+
+def test_certificates_of_before_the_oid_change_keep_their_role() -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from usher.protocol.tls import LEGACY_ROLE_OID_DOTTED
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "old")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.UnrecognizedExtension(
+                x509.ObjectIdentifier(LEGACY_ROLE_OID_DOTTED), b"\x0c\x04host"),
+                critical=False)
+            .sign(key, hashes.SHA256()))
+    assert cert_role(cert.public_bytes(serialization.Encoding.DER)) == "host"
 
 
 def test_make_ca() -> None:
