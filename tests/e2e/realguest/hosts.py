@@ -501,7 +501,10 @@ class HostCluster:
             'auth_tcp = "none"\n'
             'auth_unix_rw = "none"\n'
             'auth_unix_ro = "none"\n'
-            f'log_outputs = "{os.environ.get("USHER_TEST_LIBVIRTD_LOG_LEVEL", "3")}'
+            # USHER_TEST_LIBVIRTD_LOG_FILTERS (e.g. "1:rpc 1:remote") adds
+            # libvirt's debug output of those parts, for reading a failure.
+            f'log_filters = "{os.environ.get("USHER_TEST_LIBVIRTD_LOG_FILTERS", "")}"\n'
+            f'log_outputs = "{"1" if os.environ.get("USHER_TEST_LIBVIRTD_LOG_FILTERS") else "3"}'
             ':file:/var/log/libvirt/libvirtd.log"\n')
         (etc / "qemu.conf").write_text(
             'user = "root"\n'
