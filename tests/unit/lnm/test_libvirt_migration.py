@@ -66,7 +66,9 @@ class StandInDomain:
 
     def __init__(self, script: list[dict[str, Any]], *, step_s: float = 0.02,
                  result: libvirt.libvirtError | None = None, refuse_aborts: int = 0,
-                 abort_ignored: bool = False, hang_s: float = 0.0) -> None:
+                 abort_ignored: bool = False, hang_s: float = 0.0,
+                 first_results: list[libvirt.libvirtError] | None = None) -> None:
+        self.first_results = list(first_results or [])  # each call's, before the script
         self.script = script
         self.step_s = step_s
         self.result = result
@@ -81,6 +83,8 @@ class StandInDomain:
 
     def migrateToURI3(self, uri: str, params: dict[str, Any], flags: int) -> int:  # noqa: N802
         self.calls.append((uri, params, flags))
+        if self.first_results:
+            raise self.first_results.pop(0)
         try:
             for stats in self.script:
                 self._stats = stats
@@ -329,3 +333,41 @@ def test_migration_error_keeps_libvirts_message() -> None:
     assert err.message.endswith(": boom")
     assert err.details == {"uuid": "u-1", "target": TARGET, "phase": "copy storage",
                            "libvirt_code": libvirt.VIR_ERR_OPERATION_FAILED}
+
+
+CLOSED = "client socket is closed"
+
+
+def test_a_target_that_closes_the_new_connection_is_tried_once_more() -> None:
+    dom = StandInDomain([SETUP, MEMORY, SENT], first_results=[
+        libvirt_error(libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_FROM_RPC, CLOSED)])
+    run_migration(dom, name="vm1", uuid="u-1", target_uri=TARGET, params={}, flags=0,
+                  timeout_s=5.0, progress=None, poll_s=0.01, connect_retry_s=0.01)
+    assert len(dom.calls) == 2
+
+
+def test_it_is_tried_only_once_more_and_a_refusing_target_not_at_all() -> None:
+    closed = [libvirt_error(libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_FROM_RPC, CLOSED)
+              for _ in range(3)]
+    dom = StandInDomain([SETUP], first_results=closed)
+    with pytest.raises(HostUnavailable, match="failed to connect to target: client socket"):
+        run_migration(dom, name="vm1", uuid="u-1", target_uri=TARGET, params={}, flags=0,
+                      timeout_s=5.0, progress=None, poll_s=0.01, connect_retry_s=0.01)
+    assert len(dom.calls) == 2
+    refused = libvirt_error(libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_RPC,
+                            "unable to connect to server at '10.0.0.2:16509': "
+                            "Connection refused")
+    dom = StandInDomain([SETUP], first_results=[refused])
+    with pytest.raises(HostUnavailable, match="Connection refused"):
+        run_migration(dom, name="vm1", uuid="u-1", target_uri=TARGET, params={}, flags=0,
+                      timeout_s=5.0, progress=None, poll_s=0.01, connect_retry_s=0.01)
+    assert len(dom.calls) == 1
+
+
+def test_a_connection_closed_once_data_moved_is_not_retried() -> None:
+    dom = StandInDomain([SETUP, MEMORY], step_s=0.05, result=libvirt_error(
+        libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_FROM_RPC, CLOSED))
+    with pytest.raises(HostUnavailable, match="migrate memory"):
+        run_migration(dom, name="vm1", uuid="u-1", target_uri=TARGET, params={}, flags=0,
+                      timeout_s=5.0, progress=None, poll_s=0.01, connect_retry_s=0.01)
+    assert len(dom.calls) == 1

@@ -50,6 +50,9 @@ moves); only a source stuck connecting to a target that never answers (a
 TCP connect runs until the kernel gives up, about two minutes) takes longer.
 """
 
+CONNECT_RETRY_S = 1.0
+"""Pause before connecting again when the target closed a new connection at once."""
+
 # libvirt errors that mean the connection to the target failed or broke:
 # waiting for the target may help, so they are HostUnavailable.
 _CONNECTION_CODES = frozenset({
@@ -178,7 +181,8 @@ def migration_error(e: libvirt.libvirtError, *, phase: MigrationPhase, name: str
 
 def run_migration(dom: Any, *, name: str, uuid: str, target_uri: str, params: dict[str, Any],
                   flags: int, timeout_s: float, progress: ProgressCallback | None,
-                  poll_s: float = POLL_S, abort_grace_s: float = ABORT_GRACE_S) -> None:
+                  poll_s: float = POLL_S, abort_grace_s: float = ABORT_GRACE_S,
+                  connect_retry_s: float = CONNECT_RETRY_S) -> None:
     """Migrate ``dom`` (a ``virDomain``) with ``migrateToURI3``; see ``migrate_live``.
 
     The call runs in a daemon thread; this thread polls ``jobStats()`` every
@@ -188,9 +192,44 @@ def run_migration(dom: Any, *, name: str, uuid: str, target_uri: str, params: di
     migration that completes despite the abort (it was already handing over)
     counts as done.
 
+    A target that closes the new connection before any data moved ("client
+    socket is closed": seen now and then right after the target's libvirtd
+    took a connection) is tried once more after ``connect_retry_s``, within
+    the same ``timeout_s``: the domain has not left then. A target that refuses
+    the connection is not (its libvirtd is down: that is the answer).
+
     Raises: see :meth:`HypervisorDriver.migrate_live
     <usher.lnm.drivers.base.HypervisorDriver.migrate_live>`.
     """
+    deadline = time.monotonic() + timeout_s
+    for attempt in (1, 2):
+        try:
+            _run_once(dom, name=name, uuid=uuid, target_uri=target_uri, params=params,
+                      flags=flags, timeout_s=timeout_s, deadline=deadline,
+                      progress=progress, poll_s=poll_s, abort_grace_s=abort_grace_s)
+            return
+        except _ClosedWhileConnecting as closed:
+            error = migration_error(closed.error, phase=MigrationPhase.CONNECT, name=name,
+                                    uuid=uuid, target_uri=target_uri)
+            if attempt == 2 or time.monotonic() + connect_retry_s + poll_s >= deadline:
+                raise error from closed.error
+            log.warning("%s; connecting again in %g s", error.message, connect_retry_s)
+            time.sleep(connect_retry_s)
+
+
+class _ClosedWhileConnecting(Exception):
+    """The target closed the connection before any migration job started."""
+
+    def __init__(self, error: libvirt.libvirtError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _run_once(dom: Any, *, name: str, uuid: str, target_uri: str, params: dict[str, Any],
+              flags: int, timeout_s: float, deadline: float,
+              progress: ProgressCallback | None, poll_s: float, abort_grace_s: float) -> None:
+    """One ``migrateToURI3`` until ``deadline`` (see :func:`run_migration`, whose
+    ``timeout_s`` it names in its errors)."""
     tracker = PhaseTracker(progress)
     outcome: list[BaseException | None] = []
 
@@ -204,7 +243,6 @@ def run_migration(dom: Any, *, name: str, uuid: str, target_uri: str, params: di
 
     thread = threading.Thread(target=migrate, name=f"migrate {name}", daemon=True)
     started = time.monotonic()
-    deadline = started + timeout_s
     thread.start()
     timed_out = False
     abort_deadline = 0.0
@@ -249,6 +287,11 @@ def run_migration(dom: Any, *, name: str, uuid: str, target_uri: str, params: di
             f"(during {tracker.phase.value}); aborted, the domain stays on this host",
             details={"uuid": uuid, "target": target_uri, "timeout_s": timeout_s,
                      "phase": tracker.phase.value, "aborted": True}) from error
+    if (tracker.phase in (MigrationPhase.CONNECT, MigrationPhase.PREPARE)
+            and tracker.percent == 0.0
+            and error.get_error_code() == libvirt.VIR_ERR_INTERNAL_ERROR
+            and error.get_error_domain() == libvirt.VIR_FROM_RPC):
+        raise _ClosedWhileConnecting(error)
     if error.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
         raise InvalidState(f"cannot migrate {name}: {error.get_error_message() or error}",
                            details={"uuid": uuid, "target": target_uri}) from error
