@@ -350,6 +350,7 @@ class LibvirtDriver(HypervisorDriver):
                     log.exception("saving fake host %s failed", self.uri)
             for uuid in list(self._dhcp_jobs):
                 self._dhcp_wait_quietly(uuid)
+            self._dhcp_worker.stop()
             conn, self._conn = self._conn, None
             self._dhcp = None
             self._lost = None
@@ -1028,7 +1029,8 @@ class LibvirtDriver(HypervisorDriver):
 
 
 class _Worker:
-    """One daemon thread running submitted calls in order (started on first use).
+    """One daemon thread running submitted calls in order (started on first use,
+    ended by :meth:`stop`).
 
     A daemon, unlike a ThreadPoolExecutor's threads: a libvirt call that hangs
     must not keep the node manager from exiting.
@@ -1037,25 +1039,35 @@ class _Worker:
     def __init__(self, name: str) -> None:
         self._name = name
         self._queue: queue.SimpleQueue[tuple[Callable[[], None],
-                                             concurrent.futures.Future[None]]] = \
+                                             concurrent.futures.Future[None]] | None] = \
             queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
     def submit(self, fn: Callable[[], None]) -> concurrent.futures.Future[None]:
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._queue.put((fn, future))
-        if self._thread is None:
-            with self._start_lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name=self._name,
-                                                    daemon=True)
-                    self._thread.start()
+        with self._start_lock:  # the same order as stop's: no call queued behind its end
+            self._queue.put((fn, future))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name,
+                                                daemon=True)
+                self._thread.start()
         return future
+
+    def stop(self) -> None:
+        """Let the thread end once the calls queued so far have run; a later
+        :meth:`submit` starts a new one."""
+        with self._start_lock:
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread = None
 
     def _run(self) -> None:
         while True:
-            fn, future = self._queue.get()
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, future = item
             if not future.set_running_or_notify_cancel():
                 continue
             try:
