@@ -416,8 +416,8 @@ class HostCluster:
         self.pki = write_site_pki(self.base / "pki", site="usher.test",
                                   controller_names=["localhost"])
         self._add_netns(self.switch)
-        self._ip(self.switch, "link", "add", self.bridge, "type", "bridge",
-                 "stp_state", "0", "forward_delay", "0")
+        self._ip(self.switch, "link", "add", self.bridge, "address", _bridge_mac(0),
+                 "type", "bridge", "stp_state", "0", "forward_delay", "0")
         self._ip(self.switch, "addr", "add", f"{CLIENT_IP}/{SUBNET.prefixlen}",
                  "dev", self.bridge)
         self._ip(self.switch, "link", "set", self.bridge, "up")
@@ -466,8 +466,8 @@ class HostCluster:
         self._ip(self.switch, "link", "add", sw_port, "type", "veth", "peer", "name", uplink,
                  "netns", host.netns)
         self._ip(self.switch, "link", "set", sw_port, "master", self.bridge, "up")
-        self._ip(host.netns, "link", "add", br, "type", "bridge", "stp_state", "0",
-                 "forward_delay", "0")
+        self._ip(host.netns, "link", "add", br, "address", _bridge_mac(index), "type",
+                 "bridge", "stp_state", "0", "forward_delay", "0")
         self._ip(host.netns, "link", "set", uplink, "master", br, "up")
         self._ip(host.netns, "addr", "add", f"{host.ip}/{SUBNET.prefixlen}", "dev", br)
         self._ip(host.netns, "link", "set", br, "up")
@@ -586,7 +586,11 @@ class HostCluster:
                     errors="replace").splitlines()[-lines:]
             except OSError as e:
                 tail = [f"(no log: {e})"]
-            parts.append(f"--- {host.name} ({host.ip}): libvirtd {state}\n" + "\n".join(tail))
+            net = [_run(["ip", "-n", host.netns, *argv], check=False).stdout.strip()
+                   for argv in (["-br", "link", "show", "master", self.bridge],
+                                ["-br", "link", "show", self.bridge], ["neigh"])]
+            parts.append(f"--- {host.name} ({host.ip}): libvirtd {state}\n" + "\n".join(tail)
+                         + "\n" + "\n".join(net))
         return "\n".join(parts)
 
     # -- tearing down -------------------------------------------------------------
@@ -625,6 +629,18 @@ class HostCluster:
         shutil.rmtree(self.base, ignore_errors=True)
         if problems:
             log.warning("teardown left problems: %s", "; ".join(problems))
+
+
+def _bridge_mac(index: int) -> str:
+    """A fixed, locally administered MAC for bridge ``index`` (0: the switch).
+
+    A bridge whose MAC was never set takes its lowest port's and changes it
+    when a lower one joins: a guest's tap could then move the host's address
+    to a new MAC while the other hosts' ARP caches keep the old one, and
+    their traffic to it would be dropped until those entries expire (about
+    30 s: a migration's connection dies of keepalive timeouts meanwhile).
+    """
+    return f"02:75:73:68:00:{index:02x}"
 
 
 def _destroy_all(conn: libvirt.virConnect) -> None:

@@ -103,6 +103,7 @@ class Guest:
             self.drivers[self.at].migrate_live(
                 self.spec.uuid, uri or self.cluster.hosts[target].tcp_uri, **kw)
         except BaseException:
+            print(self.cluster.diagnostics())  # shown with the failure, if it is one
             self.cluster.hosts[target].store("remove_overlay", uuid=self.spec.uuid)
             raise
         elapsed = time.monotonic() - started
