@@ -27,7 +27,9 @@ def lnm_config(site: Site, i: int, host: TestHost, store: Path, **settings: Any)
     cfg.driver, cfg.uri, cfg.fake_host_file = "libvirt", "qemu:///system", ""
     cfg.network, cfg.domain_type = NETWORK, "qemu"
     cfg.image_dir = str(store)
-    cfg.migration_uri = host.tcp_uri  # plain TCP: tests only; production uses qemu+tls
+    # As in production: libvirtd's link and QEMU's stream over TLS, with certificates
+    # of a site CA laid out by usher-lnm libvirt-pki's code (see hosts.py).
+    cfg.migration_uri = host.tls_uri
     for key, value in settings.items():
         setattr(cfg, key, value)
     path.write_text(to_toml(cfg))
