@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
+from usher.client import AsyncClient
 from usher.config import ControllerConfig, LnmConfig
 from usher.controller import auth
 from usher.controller import db as dbmod
@@ -117,6 +118,17 @@ class RunningController:
                      password=self.password if password is None else password)
 
     # ------------------------------------------------------------ sessions
+    async def client(self, user: str | None = None, password: str | None = None, *,
+                     reconnect: bool = True) -> AsyncClient:
+        """A connected :class:`AsyncClient` of ``user`` (default: the site's user);
+        the caller closes it."""
+        client = AsyncClient(self.host, self.port, ca_cert=str(self.ca), user=user or self.user,
+                             password=self.password if password is None else password,
+                             server_hostname="localhost",
+                             reconnect=reconnect)
+        await client.connect()
+        return client
+
     async def login(self, user: str | None = None, password: str | None = None) -> Connection:
         """Log in as a normal client does; raises the controller's refusal."""
         hello = self.client_hello(user, password)

@@ -5,22 +5,13 @@ from __future__ import annotations
 import pytest
 
 from tests.integration.conftest import OTHER_PASSWORD, OTHER_USER, RunningController
-from usher.client import AsyncClient
 from usher.errors import InvalidOption, PermissionDenied, VmNotFound
-
-
-async def _client(c: RunningController, user: str | None = None,
-                  password: str | None = None) -> AsyncClient:
-    client = AsyncClient(c.host, c.port, ca_cert=str(c.ca), user=user or c.user,
-                         password=password or c.password, server_hostname="localhost")
-    await client.connect()
-    return client
 
 
 async def test_console_tail_comes_from_the_vms_host(controller: RunningController) -> None:
     await controller.start_node("h1.usher.test")
-    client = await _client(controller)
-    other = await _client(controller, OTHER_USER, OTHER_PASSWORD)
+    client = await controller.client()
+    other = await controller.client(OTHER_USER, OTHER_PASSWORD)
     try:
         await client.wait_all(await client.start(["talky"], ram=64), 5)
         [vm] = await client.list_vms(["talky"])
@@ -47,8 +38,8 @@ async def test_an_attached_console_relays_both_ways_and_belongs_to_its_connectio
     import asyncio
 
     await controller.start_node("h1.usher.test")
-    client = await _client(controller)
-    intruder = await _client(controller)  # same user, another connection
+    client = await controller.client()
+    intruder = await controller.client()  # same user, another connection
     got: list[bytes] = []
     ended: list[str] = []
     try:
@@ -93,7 +84,7 @@ async def test_closing_the_connection_detaches_on_the_node(controller: RunningCo
     import asyncio
 
     agent = await controller.start_node("h1.usher.test")
-    client = await _client(controller)
+    client = await controller.client()
     await client.wait_all(await client.start(["tty2"], ram=64), 5)
     await client.console_open("tty2", lambda _d: None, lambda _r: None)
     assert len(agent._consoles) == 1

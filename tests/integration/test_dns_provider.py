@@ -22,7 +22,6 @@ from sqlalchemy.orm import Session
 
 from tests.integration.conftest import MakeController, RunningController
 from tests.integration.dns.conftest import dig_short as dig
-from usher.client import AsyncClient
 from usher.controller import ipam
 from usher.controller.models import Lease, Outbox, Vm
 from usher.dns import ChangeSet, Named, Rfc2136Backend, Zones
@@ -34,14 +33,6 @@ WAIT_S = 5.0
 
 def lab_range(session: Session) -> None:
     ipam.add_range(session, "lab", "10.77.0.0/24", default=True)
-
-
-async def client_of(controller: RunningController) -> AsyncClient:
-    client = AsyncClient(controller.host, controller.port, ca_cert=str(controller.ca),
-                         user=controller.user, password=controller.password,
-                         server_hostname="localhost")
-    await client.connect()
-    return client
 
 
 async def eventually(check: object, what: str, timeout: float = WAIT_S) -> None:
@@ -66,7 +57,7 @@ async def test_embedded_forward_reverse_and_round_robin(make_controller: MakeCon
     assert server is not None
     port = server.port
     await controller.start_node("h1.usher.test")
-    client = await client_of(controller)
+    client = await controller.client()
     try:
         await client.wait_all(await client.start(["redfish.sneetch"], ram=64), WAIT_S)
         await client.wait_all(await client.start(["{1..2}.web"], ram=64, rr=True), WAIT_S)
@@ -100,7 +91,7 @@ async def test_round_robin_names_and_vm_names_never_collide(
     controller = await make_controller(setup=lab_range, dns="embedded",
                                        dns_listen="127.0.0.1:0")
     await controller.start_node("h1.usher.test")
-    client = await client_of(controller)
+    client = await controller.client()
     try:
         await client.wait_all(await client.start(["a.pool"], ram=64, rr=True), WAIT_S)
         with pytest.raises(Conflict, match="round-robin name"):
@@ -120,7 +111,7 @@ async def test_round_robin_membership_is_capped(make_controller: MakeController)
     controller = await make_controller(setup=lab_range, dns="embedded",
                                        dns_listen="127.0.0.1:0", dns_rr_max_members=3)
     await controller.start_node("h1.usher.test")
-    client = await client_of(controller)
+    client = await controller.client()
     try:
         await client.wait_all(await client.start(["{1..3}.pool"], ram=64, rr=True), WAIT_S)
         with pytest.raises(NoCapacity, match="round-robin name pool.seuss.usher.test has 3"):
@@ -133,7 +124,7 @@ async def test_round_robin_membership_is_capped(make_controller: MakeController)
 async def test_rr_without_an_address_is_refused(make_controller: MakeController) -> None:
     controller = await make_controller(dns="embedded", dns_listen="127.0.0.1:0")
     await controller.start_node("h1.usher.test")
-    client = await client_of(controller)
+    client = await controller.client()
     try:
         with pytest.raises(InvalidOption, match="--rr needs an address"):
             await client.start(["a.pool"], ram=64, rr=True)
@@ -206,7 +197,7 @@ def restart_without_journals(named: Named) -> None:
 async def test_bind_records_follow_the_vms(make_controller: MakeController, bind: Named) -> None:
     controller = await make_controller(setup=lab_range, **bind_settings(bind))
     await controller.start_node("h1.usher.test")
-    client = await client_of(controller)
+    client = await controller.client()
     try:
         tasks = await client.start(["{1..20}.farm"], ram=64, rr=True)
         await client.wait_all(tasks, WAIT_S)
@@ -231,7 +222,7 @@ async def test_bind_down_refuses_starts_and_loses_nothing(
         make_controller: MakeController, bind: Named) -> None:
     controller = await make_controller(setup=lab_range, **bind_settings(bind))
     await controller.start_node("h1.usher.test")
-    client = await client_of(controller)
+    client = await controller.client()
     try:
         await client.wait_all(await client.start(["before"], ram=64), WAIT_S)
         await asyncio.to_thread(bind.stop)
@@ -259,7 +250,7 @@ async def test_bind_down_queues_records_when_asked(make_controller: MakeControll
                                                    bind: Named) -> None:
     controller = await make_controller(setup=lab_range, **bind_settings(bind, dns_down="queue"))
     await controller.start_node("h1.usher.test")
-    client = await client_of(controller)
+    client = await controller.client()
     try:
         await asyncio.to_thread(bind.stop)
         [task] = await client.wait_all(await client.start(["queued"], ram=64), WAIT_S)
@@ -283,7 +274,7 @@ async def test_restart_converges_and_leaves_foreign_records_alone(
     settings = bind_settings(bind)
     first = await make_controller(setup=lab_range, **settings)
     await first.start_node("h1.usher.test")
-    client = await client_of(first)
+    client = await first.client()
     try:
         await client.wait_all(await client.start(["{1..3}.app"], ram=64), WAIT_S)
         vms = {v.name.split(".")[0]: v for v in await client.list_vms()}
@@ -320,7 +311,7 @@ async def test_named_losing_its_zone_is_repaired(make_controller: MakeController
     controller = await make_controller(setup=lab_range,
                                        **bind_settings(bind, dns_converge_interval_s=0.3))
     await controller.start_node("h1.usher.test")
-    client = await client_of(controller)
+    client = await controller.client()
     try:
         await client.wait_all(await client.start(["keep"], ram=64), WAIT_S)
         [vm] = await client.list_vms()

@@ -16,8 +16,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from sqlalchemy import select
 
-from tests.integration.conftest import WAIT_S, MakeController, RunningController
-from usher.client import AsyncClient
+from tests.integration.conftest import WAIT_S, MakeController
 from usher.controller.models import Transition
 from usher.errors import HypervisorError, NotConnected
 from usher.lnm.drivers.base import DomainState
@@ -38,14 +37,6 @@ async def _until(check: Callable[[], Awaitable[object]], what: str) -> None:
     raise AssertionError(f"{what} not within {WAIT_S} s (last: {last!r})")
 
 
-async def _client(controller: RunningController) -> AsyncClient:
-    client = AsyncClient(controller.host, controller.port, ca_cert=str(controller.ca),
-                         user=controller.user, password=controller.password,
-                         server_hostname="localhost")
-    await client.connect()
-    return client
-
-
 async def test_lost_hypervisor_makes_the_host_lost_then_reconciles(
         make_controller: MakeController, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
@@ -53,7 +44,7 @@ async def test_lost_hypervisor_makes_the_host_lost_then_reconciles(
     agent = await controller.start_node(HOST)
     driver = agent.driver
     assert isinstance(driver, FakeDriver)
-    client = await _client(controller)
+    client = await controller.client()
 
     async def host_state() -> str:
         [host] = await client.list_hosts()

@@ -111,25 +111,16 @@ async def site(make_controller: MakeController, files: Files) -> RunningControll
     return controller
 
 
-async def _client(c: RunningController, user: str = USER,
-                  password: str | None = None) -> AsyncClient:
-    client = AsyncClient(c.host, c.port, ca_cert=str(c.ca), user=user,
-                         password=password or c.password, server_hostname="localhost",
-                         reconnect=False)
-    await client.connect()
-    return client
-
-
 @pytest.fixture
 async def seuss(site: RunningController) -> AsyncIterator[AsyncClient]:
-    client = await _client(site)
+    client = await site.client(reconnect=False)
     yield client
     await client.close()
 
 
 @pytest.fixture
 async def admin(site: RunningController) -> AsyncIterator[AsyncClient]:
-    client = await _client(site, ADMIN, ADMIN_PASSWORD)
+    client = await site.client(ADMIN, ADMIN_PASSWORD, reconnect=False)
     yield client
     await client.close()
 
@@ -255,7 +246,7 @@ async def test_everyone_lists_images_without_urls(site: RunningController,
     assert "late" not in {i.name for i in await seuss.list_images()}
     await site.ctrl.reload()
     assert "late" in {i.name for i in await seuss.list_images()}
-    other = await _client(site, OTHER_USER, OTHER_PASSWORD)
+    other = await site.client(OTHER_USER, OTHER_PASSWORD, reconnect=False)
     try:
         assert len(await other.list_images()) == 5
     finally:

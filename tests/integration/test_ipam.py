@@ -8,20 +8,11 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.integration.conftest import RunningController
-from usher.client import AsyncClient
 from usher.controller import db as dbmod
 from usher.controller import ipam
 from usher.controller.models import Lease
 from usher.errors import NoCapacity
 from usher.protocol.ops import TaskInfo
-
-
-async def _client(controller: RunningController) -> AsyncClient:
-    client = AsyncClient(controller.host, controller.port, ca_cert=str(controller.ca),
-                         user=controller.user, password=controller.password,
-                         server_hostname="localhost")
-    await client.connect()
-    return client
 
 
 def _leases(controller: RunningController) -> dict[str, str]:
@@ -41,7 +32,7 @@ async def test_concurrent_starts_share_a_range_without_duplicates(
     await db.run(lambda s: ipam.add_range(s, "lab", "10.77.0.0/26", default=True))
     await controller.ctrl.reload_ranges()
     await controller.start_node("h1.usher.test", cpus=64, memory_mib=1 << 20)
-    client = await _client(controller)
+    client = await controller.client()
     try:
         results = await asyncio.gather(
             *(client.start([f"v{i}"], ram=64) for i in range(100)), return_exceptions=True)
@@ -73,7 +64,7 @@ async def test_requested_address_and_count(controller: RunningController) -> Non
     await db.run(lambda s: ipam.add_range(s, "lab", "10.78.0.0/24"))
     await controller.ctrl.reload_ranges()
     await controller.start_node("h1.usher.test")
-    client = await _client(controller)
+    client = await controller.client()
     try:
         await client.wait_all(await client.start(["pinned"], ram=64, ip_range="lab",
                                                  ip="10.78.0.42"), 10)
@@ -96,7 +87,7 @@ async def test_vlan_ranges_are_placed_on_hosts_that_carry_the_vlan(
     # The big host has more free memory, so only the VLAN can send VMs elsewhere.
     await controller.start_node("big.usher.test", cpus=64, memory_mib=1 << 20)
     await controller.start_node("tagged.usher.test", vlans=[30])
-    client = await _client(controller)
+    client = await controller.client()
     try:
         await client.wait_all(await client.start(["{1..3}.t"], ram=64, ip_range="v30"), 10)
         await client.wait_all(await client.start(["p"], ram=64), 10)

@@ -16,14 +16,6 @@ from usher.controller.models import Transition
 from usher.lnm.drivers.base import DomainSpec
 
 
-async def _client(controller: RunningController) -> AsyncClient:
-    client = AsyncClient(controller.host, controller.port, ca_cert=str(controller.ca),
-                         user=controller.user, password=controller.password,
-                         server_hostname="localhost")
-    await client.connect()
-    return client
-
-
 async def _state(client: AsyncClient, name: str, want: str, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -37,7 +29,7 @@ async def _state(client: AsyncClient, name: str, want: str, timeout: float = 5.0
 async def test_events_and_periodic_reconciliation(controller: RunningController) -> None:
     agent = await controller.start_node("h1.usher.test")
     driver = agent.driver
-    client = await _client(controller)
+    client = await controller.client()
     try:
         await client.wait_all(await client.start(["ev1", "ev2"], ram=64), 10)
         uuid = {v.name.split(".")[0]: v.uuid for v in await client.list_vms()}
@@ -87,7 +79,7 @@ async def test_kwargfil_drops_options_the_site_does_not_accept(tmp_path: Path) -
                                 tmp=tmp_path)
     try:
         await running.start_node("h1.usher.test", cpus=8)
-        client = await _client(running)
+        client = await running.client()
         try:
             await client.wait_all(await client.start(["kw"], ram=48, vcpus=4), 10)
             [vm] = await client.list_vms()

@@ -42,9 +42,7 @@ async def site(make_controller: MakeController) -> RunningController:
 
 @pytest.fixture
 async def client(site: RunningController) -> AsyncIterator[AsyncClient]:
-    c = AsyncClient(site.host, site.port, ca_cert=str(site.ca), user=site.user,
-                    password=site.password, server_hostname="localhost")
-    await c.connect()
+    c = await site.client()
     yield c
     await c.close()
 
@@ -127,9 +125,7 @@ async def test_other_users_vms_are_not_theirs_to_see(site: RunningController,
                                                      client: AsyncClient) -> None:
     await site.start_node("h1.usher.test")
     await client.wait_all(await client.start(["mine"], ram=64), 5)
-    other = AsyncClient(site.host, site.port, ca_cert=str(site.ca), user=OTHER_USER,
-                        password=OTHER_PASSWORD, server_hostname="localhost")
-    await other.connect()
+    other = await site.client(OTHER_USER, OTHER_PASSWORD)
     try:
         await rounds(site, 2)
         assert await other.vm_stats() == []

@@ -47,10 +47,7 @@ async def controller(site: Site, tmp_path: Path) -> AsyncIterator[RunningControl
 
 
 async def _login(c: RunningController, user: str, password: str) -> AsyncClient:
-    client = AsyncClient(c.host, c.port, ca_cert=str(c.ca), user=user, password=password,
-                         server_hostname="localhost", reconnect=False)
-    await client.connect()
-    return client
+    return await c.client(user, password, reconnect=False)
 
 
 async def test_login_is_an_ldap_bind(controller: RunningController) -> None:
