@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import grp
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 
 from usher.errors import ConfigError
+from usher.protocol.pki import read_file, spki, write_file
 from usher.protocol.tls import cert_role
 
 __all__ = ["QEMU_DIR", "Installed", "install", "libvirt_layout", "qemu_layout"]
@@ -89,7 +88,7 @@ def install(ca_cert: Path, cert: Path, key: Path, *, pkipath: Path | None = None
             is not the certificate's); or a target exists with other content
             and ``force`` is not set (nothing is written then).
     """
-    data = {"ca": _read(ca_cert), "cert": _read(cert), "key": _read(key)}
+    data = {"ca": read_file(ca_cert), "cert": read_file(cert), "key": read_file(key)}
     _check_together(data["ca"], data["cert"], data["key"], ca_cert, cert, key)
     qemu_gid = _gid(qemu_group) if qemu_dir is not None else None
     plan: list[tuple[Path, bytes, int, int | None]] = []
@@ -102,28 +101,22 @@ def install(ca_cert: Path, cert: Path, key: Path, *, pkipath: Path | None = None
                              qemu_gid))
             else:
                 plan.append((path, data[kind], 0o644, None))
-    conflicts = [path for path, content, _, _ in plan
-                 if path.exists() and _read(path) != content]
+    same = {path for path, content, _, _ in plan
+            if path.exists() and read_file(path) == content}
+    conflicts = [path for path, _, _, _ in plan if path not in same and path.exists()]
     if conflicts and not force:
         raise ConfigError(f"{conflicts[0]} exists with other content"
                           f"{f' (and {len(conflicts) - 1} more)' if len(conflicts) > 1 else ''}"
                           "; give --force to replace it with the site's")
     written, unchanged = [], []
     for path, content, mode, gid in plan:
-        if path.exists() and _read(path) == content:
+        if path in same:
             _set_mode(path, mode, gid)
             unchanged.append(path)
             continue
         _write(path, content, mode, gid)
         written.append(path)
     return Installed(written=written, unchanged=unchanged)
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def _check_together(ca_pem: bytes, cert_pem: bytes, key_pem: bytes,
@@ -144,27 +137,11 @@ def _check_together(ca_pem: bytes, cert_pem: bytes, key_pem: bytes,
         raise ConfigError(f"{cert_path} is not a host certificate of the site (usher-lnm "
                           "gets one when it joins)")
     try:
-        _verify_signed_by(cert, ca)
+        cert.verify_directly_issued_by(ca)
     except (InvalidSignature, TypeError, ValueError):
         raise ConfigError(f"{cert_path} is not signed by the CA in {ca_path}") from None
-    pub = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    if key.public_key().public_bytes(der, pub) != cert.public_key().public_bytes(der, pub):
+    if spki(key.public_key()) != spki(cert.public_key()):
         raise ConfigError(f"{key_path} is not the key of {cert_path}")
-
-
-def _verify_signed_by(cert: x509.Certificate, ca: x509.Certificate) -> None:
-    public = ca.public_key()
-    algorithm = cert.signature_hash_algorithm
-    if isinstance(public, ec.EllipticCurvePublicKey) and algorithm is not None:
-        public.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm))
-    elif isinstance(public, rsa.RSAPublicKey) and algorithm is not None:
-        public.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(),
-                      algorithm)
-    elif isinstance(public, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
-        public.verify(cert.signature, cert.tbs_certificate_bytes)
-    else:
-        raise TypeError("unsupported CA key type")
 
 
 def _gid(group: str | None) -> int | None:
@@ -188,18 +165,6 @@ def _set_mode(path: Path, mode: int, gid: int | None) -> None:
 def _write(path: Path, content: bytes, mode: int, gid: int | None) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            os.fchmod(fd, mode)
-            if gid is not None:
-                os.fchown(fd, -1, gid)
-            with os.fdopen(fd, "wb") as out:
-                out.write(content)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_file(path, content, mode, gid)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from None

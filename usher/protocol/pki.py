@@ -40,7 +40,7 @@ from usher.errors import ConfigError, InvalidName, InvalidRequest
 from usher.protocol.tls import ROLE_OID_DOTTED, ROLES, Role, cert_role
 
 __all__ = ["ROLE_OID", "SitePki", "issue_cert", "issue_host_cert_files", "make_ca",
-           "write_site_pki"]
+           "read_file", "spki", "write_file", "write_site_pki"]
 
 ROLE_OID = x509.ObjectIdentifier(ROLE_OID_DOTTED)
 
@@ -91,7 +91,8 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def _spki(public_key: PublicKeyTypes) -> bytes:
+def spki(public_key: PublicKeyTypes) -> bytes:
+    """A public key's DER SubjectPublicKeyInfo: equal for a key and its certificate."""
     return public_key.public_bytes(serialization.Encoding.DER,
                                    serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -224,7 +225,7 @@ def _load_ca(cert_pem: bytes,
         raise ConfigError(f"cannot read the site CA: {exc}") from None
     if not isinstance(key, _ISSUER_KEYS):
         raise ConfigError(f"the site CA key is a {type(key).__name__}, which cannot sign")
-    if _spki(key.public_key()) != _spki(cert.public_key()):
+    if spki(key.public_key()) != spki(cert.public_key()):
         raise ConfigError("the site CA key does not belong to the CA certificate")
     try:
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -248,12 +249,17 @@ class SitePki:
     controller_key: Path
 
 
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` atomically with exactly ``mode``."""
+def write_file(path: Path, data: bytes, mode: int, gid: int | None = None) -> None:
+    """Write ``data`` to ``path`` atomically with exactly ``mode`` (and group ``gid``).
+
+    Raises OSError; the temporary file never stays behind.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         # mkstemp creates the file 0600, so a key is never readable by others.
         os.fchmod(fd, mode)
+        if gid is not None:
+            os.fchown(fd, -1, gid)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -265,11 +271,12 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
 
 
 def _write_pair(cert_path: Path, key_path: Path, cert_pem: bytes, key_pem: bytes) -> None:
-    _write_file(key_path, key_pem, 0o600)
-    _write_file(cert_path, cert_pem, 0o644)
+    write_file(key_path, key_pem, 0o600)
+    write_file(cert_path, cert_pem, 0o644)
 
 
-def _read(path: Path) -> bytes:
+def read_file(path: Path) -> bytes:
+    """The bytes of ``path``; ConfigError (naming it) if it cannot be read."""
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -298,7 +305,7 @@ def _controller_cert_is_current(pki: SitePki, ca_cert: x509.Certificate,
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except (OSError, ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
         return False
-    return (_spki(key.public_key()) == _spki(cert.public_key())
+    return (spki(key.public_key()) == spki(cert.public_key())
             and set(sans) == set(wanted)
             and cert_role(cert.public_bytes(serialization.Encoding.DER)) == "controller"
             and cert.not_valid_after_utc > _now() + _RENEW_BEFORE)
@@ -331,7 +338,7 @@ def write_site_pki(dir: Path, *, site: str, controller_names: Sequence[str]) -> 
             f"found {present} but not {missing}; restore {missing.name} or remove both"
             " to create a new site CA (every host certificate must then be re-issued)")
     if have_cert:
-        ca_cert_pem, ca_key_pem = _read(pki.ca_cert), _read(pki.ca_key)
+        ca_cert_pem, ca_key_pem = read_file(pki.ca_cert), read_file(pki.ca_key)
     else:
         ca_cert_pem, ca_key_pem = make_ca(site)
         _write_pair(pki.ca_cert, pki.ca_key, ca_cert_pem, ca_key_pem)
@@ -364,7 +371,7 @@ def issue_host_cert_files(pki: SitePki, hostname: str, out_dir: Path) -> tuple[P
         raise InvalidName(
             f"{hostname!r} is not a host name; use a DNS name like vmm1.example.org"
             " or an IP address")
-    cert_pem, key_pem = issue_cert(_read(pki.ca_cert), _read(pki.ca_key), common_name=host,
+    cert_pem, key_pem = issue_cert(read_file(pki.ca_cert), read_file(pki.ca_key), common_name=host,
                                    role="host", dns_names=dns, ip_addresses=ips)
     out_dir.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = out_dir / f"{host}.crt", out_dir / f"{host}.key"

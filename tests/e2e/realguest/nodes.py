@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.realguest.hosts import NETWORK, TestHost
+from tests.e2e.realguest.hosts import NETWORK, SUBNET, HostCluster, TestHost
 from tests.e2e.site import Site
 from usher.config import LnmConfig, load_toml, to_toml
+from usher.lnm.tinyguest import TinyGuest
 
 
 def lnm_config(site: Site, i: int, host: TestHost, store: Path, **settings: Any) -> None:
@@ -46,3 +47,20 @@ def start_lnm(site: Site, i: int, host: TestHost) -> None:
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     finally:
         log.close()
+
+
+def add_segment_and_tinydisk(site: Site, cluster: HostCluster, guest: TinyGuest) -> None:
+    """Give ``site`` (before its controller starts) the test segment as IP range ``seg``
+    and image ``tinydisk``: the tiny guest's kernel and initrd with a 16 MiB qcow2
+    disk, kept outside the hosts' private stores so that every host can fetch it."""
+    ctl = [sys.executable, "-m", "usher.controller.cli", "--config",
+           site.info["controller"]["config"]]  # type: ignore[index]
+    subprocess.run([*ctl, "range", "add", "seg", str(SUBNET)], check=True,
+                   capture_output=True)
+    disk = cluster.base / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"],
+                   check=True, timeout=30)
+    subprocess.run([*ctl, "image", "add", "tinydisk", "--disk", f"file://{disk}",
+                    "--format", "qcow2", "--kernel", f"file://{guest.kernel}",
+                    "--initrd", f"file://{guest.initrd}", "--cmdline", guest.cmdline],
+                   check=True, capture_output=True)

@@ -13,8 +13,6 @@ libvirtd: the guest is the same one, still beating, never rebooted.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.realguest.hosts import SUBNET, HostCluster
-from tests.e2e.realguest.nodes import lnm_config, start_lnm
+from tests.e2e.realguest.nodes import add_segment_and_tinydisk, lnm_config, start_lnm
 from tests.e2e.site import Site, wait_for
 from usher.lnm.tinyguest import TinyGuest, heartbeats, ready_fields
 
@@ -48,17 +46,7 @@ def site(one_host: HostCluster, tiny_guest: TinyGuest, tmp_path: Path) -> Iterat
     cluster = one_host
     s = Site(tmp_path / "site", lnms=1, task_deadline_s=60.0)
     try:
-        ctl = [sys.executable, "-m", "usher.controller.cli", "--config",
-               s.info["controller"]["config"]]  # type: ignore[index]
-        subprocess.run([*ctl, "range", "add", "seg", str(SUBNET)], check=True,
-                       capture_output=True)
-        disk = cluster.base / "base.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"],
-                       check=True, timeout=30)
-        subprocess.run([*ctl, "image", "add", "tinydisk", "--disk", f"file://{disk}",
-                        "--format", "qcow2", "--kernel", f"file://{tiny_guest.kernel}",
-                        "--initrd", f"file://{tiny_guest.initrd}",
-                        "--cmdline", tiny_guest.cmdline], check=True, capture_output=True)
+        add_segment_and_tinydisk(s, cluster, tiny_guest)
         # Reopening libvirtd retries at most a second apart: the test waits less.
         lnm_config(s, 0, cluster.hosts[0], cluster.store_path, backoff_max_s=1.0)
         s.start_controller()

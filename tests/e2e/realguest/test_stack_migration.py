@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import libvirt
 import pytest
 
 from tests.e2e.realguest.hosts import SUBNET, HostCluster, TestHost
-from tests.e2e.realguest.nodes import lnm_config, start_lnm
+from tests.e2e.realguest.nodes import add_segment_and_tinydisk, lnm_config, start_lnm
 from tests.e2e.site import Site, wait_for
 from usher.lnm.tinyguest import TinyGuest, heartbeats, ready_fields
 
@@ -106,17 +105,7 @@ def stack(libvirt_hosts: HostCluster, tiny_guest: TinyGuest,
     site = Site(tmp_path_factory.mktemp("migration") / "site", lnms=len(cluster.hosts),
                 task_deadline_s=60.0)
     try:
-        ctl = [sys.executable, "-m", "usher.controller.cli", "--config",
-               site.info["controller"]["config"]]  # type: ignore[index]
-        subprocess.run([*ctl, "range", "add", "seg", str(SUBNET)], check=True,
-                       capture_output=True)
-        disk = cluster.base / "base.qcow2"  # outside the hosts' private stores: all see it
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"],
-                       check=True, timeout=30)
-        subprocess.run([*ctl, "image", "add", "tinydisk", "--disk", f"file://{disk}",
-                        "--format", "qcow2", "--kernel", f"file://{tiny_guest.kernel}",
-                        "--initrd", f"file://{tiny_guest.initrd}",
-                        "--cmdline", tiny_guest.cmdline], check=True, capture_output=True)
+        add_segment_and_tinydisk(site, cluster, tiny_guest)
         for i, host in enumerate(cluster.hosts):
             lnm_config(site, i, host, cluster.store_path)
         site.start_controller()
