@@ -188,9 +188,10 @@ def run_migration(dom: Any, *, name: str, uuid: str, target_uri: str, params: di
     The call runs in a daemon thread; this thread polls ``jobStats()`` every
     ``poll_s`` and reports progress. At ``timeout_s`` it aborts the job
     (repeating the abort until a job exists to abort), waits up to
-    ``abort_grace_s`` for the migration to unwind and raises TimedOut. A
-    migration that completes despite the abort (it was already handing over)
-    counts as done.
+    ``abort_grace_s`` for the migration to unwind and raises TimedOut. An
+    abort taken before memory moved that libvirt then lost (memory starts
+    moving after it) is sent once more. A migration that completes despite
+    the abort (it was already handing over) counts as done.
 
     A target that closes the new connection before any data moved ("client
     socket is closed": seen now and then right after the target's libvirtd
@@ -247,6 +248,8 @@ def _run_once(dom: Any, *, name: str, uuid: str, target_uri: str, params: dict[s
     timed_out = False
     abort_deadline = 0.0
     abort_sent = False
+    aborted_at: MigrationPhase | None = None  # the phase libvirt took our abort in
+    resent = False
     while True:
         thread.join(poll_s)
         if not thread.is_alive():
@@ -263,6 +266,19 @@ def _run_once(dom: Any, *, name: str, uuid: str, target_uri: str, params: dict[s
         if timed_out:
             if not abort_sent:
                 abort_sent = _abort(dom, name)
+                if abort_sent:
+                    aborted_at = tracker.phase
+            elif (not resent and aborted_at is not None
+                  and aborted_at.order < MigrationPhase.MIGRATE_MEMORY.order
+                  and tracker.phase.order >= MigrationPhase.MIGRATE_MEMORY.order):
+                # libvirt (9.0) looks at an abort request only while it waits
+                # for the disk copy to converge: one taken before or after that
+                # wait is lost and memory starts to move. QEMU's own cancel
+                # works from then on, so ask once more (never more: a second
+                # abort while libvirt unwinds a taken one can hang the job).
+                log.warning("the abort of %s's migration, taken during %s, was lost: "
+                            "aborting again", name, aborted_at.value)
+                resent = _abort(dom, name)
             if now >= abort_deadline:
                 raise TimedOut(
                     f"live migration of {name} to {target_uri} did not finish within "
