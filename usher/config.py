@@ -132,6 +132,10 @@ class LnmConfig:
     call_timeout_s: float = _f(60.0, "a hypervisor call that takes longer fails")
     image_dir: str = _f("/var/lib/usher/images", "this host's image store: base images "
                         "and a disk overlay per VM (must be readable by the qemu user)")
+    shared_store: str = _f("", "name of the shared filesystem (NFS, GlusterFS, CephFS...) "
+                           "that image_dir is on, mounted at the same path on every host "
+                           "that names it: VMs move between those hosts without copying "
+                           "their disks (empty: the store is this host's own)")
     image_fetch_timeout_s: float = _f(600.0, "fetching one image that takes longer fails")
     migration_uri: str = _f("", "libvirt URI at which other hosts' libvirtd reach this host's "
                             "for live migration, e.g. qemu+tls://vmm2.example.org/system "

@@ -73,6 +73,8 @@ class HostService:
         host.vlans = sorted(set(facts.vlans))
         host.migration_uri, host.migration_address = (facts.migration_uri,
                                                       facts.migration_address)
+        host.shared_store, host.store_id = facts.shared_store, facts.store_id
+        self._check_store(host)
         host.state = "disabled" if host.disabled else "up"
         host.last_seen = now
         host.connected = True
@@ -107,6 +109,24 @@ class HostService:
                 continue
             if self.reg.hosts.get(name) is host:
                 self._reconcile(host, {d.uuid: d for d in inv.domains}, before=asked)
+
+    def _check_store(self, host: HostRec) -> None:
+        """Warn when ``host`` names a shared store that other hosts see as another one.
+
+        Such hosts do not share (see ``migration.shares_store``): VMs moving
+        between them copy their disks, which is safe but not what the admin meant.
+        """
+        if not host.shared_store:
+            return
+        others = sorted(h.name for h in self.reg.hosts.values()
+                        if h is not host and h.shared_store == host.shared_store
+                        and h.store_id and h.store_id != host.store_id)
+        if others:
+            log.warning("VMM %s names shared store %s, but its image store is not the one "
+                        "%s see%s there (another store id): is the shared filesystem "
+                        "mounted at its image_dir? Until it is, VMs moving between them "
+                        "copy their disks", host.name, host.shared_store, ", ".join(others),
+                        "s" if len(others) == 1 else "")
 
     def _reconcile(self, host: HostRec, inventory: dict[str, DomainMsg],
                    before: float | None = None) -> None:

@@ -19,6 +19,12 @@ How a VM moves is policy (:func:`migration_kind`):
   disk that libvirt cannot move is refused when the request is validated: a
   cold move would leave its disk behind.
 
+Hosts whose node managers name the same ``shared_store`` keep their image
+stores on one shared filesystem (:func:`shares_store`): between them a disk
+never moves. A running VM migrates live without copying it (the target only
+checks that it sees the disk), and a stopped one, or any VM that libvirt
+cannot move, moves cold, its disk left where it is.
+
 The VM keeps its name, address and DNS records: none of them depends on its
 host. When a step fails, the VM stays on the source in its state and the task
 ends in error naming the step; the target is cleaned (``node.forget_vm``) only
@@ -51,6 +57,7 @@ from usher.protocol.ops import (
     DiskSizeMsg,
     DomainMsg,
     Empty,
+    ForgetArgs,
     IncomingArgs,
     Inventory,
     MigrationProgressMsg,
@@ -79,6 +86,16 @@ def has_disk(vm: VmRec) -> bool:
     return vm.boot is not None and vm.boot.boot.disk is not None
 
 
+def shares_store(source: HostRec, target: HostRec) -> bool:
+    """Policy: both hosts keep their image stores on one shared filesystem.
+
+    They name the same shared store and see the same store there (its id
+    file): a host that names it but has not mounted it does not share it.
+    """
+    return (bool(source.shared_store) and source.shared_store == target.shared_store
+            and bool(source.store_id) and source.store_id == target.store_id)
+
+
 def migration_kind(state: str, disk: bool, source: HostRec, target: HostRec) -> str:
     """Policy: how a VM in ``state`` (with a ``disk`` or not) moves; see the module docstring.
 
@@ -86,10 +103,18 @@ def migration_kind(state: str, disk: bool, source: HostRec, target: HostRec) -> 
         MigrationUnsupported: the VM has a disk that libvirt cannot move
             between these hosts (a cold move would leave it behind).
     """
+    if (disk and source.store_id and source.store_id == target.store_id
+            and not shares_store(source, target)):
+        # Copying the disk would make the target's empty overlay over the VM's own.
+        raise MigrationUnsupported(
+            f"VMMs {source.name} and {target.name} have the same image store, but do not "
+            f"both name it as their shared_store: set the same shared_store in both node "
+            f"managers' configs (see docs/operations.md)",
+            details={"source": source.name, "target": target.name})
     why_not = _why_no_libvirt_move(source, target)
     if why_not is None and state in ("running", "paused"):
         return LIVE
-    if not disk:
+    if not disk or shares_store(source, target):
         return COLD
     if why_not is None and state == "stopped":
         return DISK
@@ -176,6 +201,7 @@ class Migrations:
         started = time.monotonic()
         spec = self.vms._spec(vm, task)
         disk = spec.boot is not None and spec.boot.disk is not None
+        shared = disk and shares_store(source, target)  # then the disk stays where it is
         try:
             arrived = await self._arrived(vm, src, dst)
         except UsherError as exc:
@@ -185,13 +211,13 @@ class Migrations:
             step = f"while preparing {dst}"
             try:
                 size = 0
-                if disk:
+                if disk and not shared:
                     reply: DiskSizeMsg = await nodes.call(src, "node.disk_size",
                                                           UuidArgs(uuid=vm.uuid))
                     size = reply.bytes
                 self.vms._progress(task, f"{what}: preparing {dst}")
                 await nodes.call(dst, "node.prepare_incoming",
-                                 IncomingArgs(spec=spec, disk_bytes=size),
+                                 IncomingArgs(spec=spec, disk_bytes=size, shared=shared),
                                  timeout=max(1.0, task.deadline - time.time()))
                 step = ""
                 if task.id in self._aborts:
@@ -201,7 +227,8 @@ class Migrations:
                 margin = min(MARGIN_S, remaining / 4)
                 args = NodeMigrateArgs(uuid=vm.uuid, target_uri=target.migration_uri,
                                        migrate_uri=target.migration_address or None,
-                                       tls=uses_tls(target.migration_uri), copy_storage=disk,
+                                       tls=uses_tls(target.migration_uri),
+                                       copy_storage=disk and not shared,
                                        stopped=stopped, timeout_s=max(1.0, remaining - margin))
                 doing = "moving its disk" if stopped else "connecting"
                 self.vms._progress(task, f"{what}: {doing}")
@@ -212,15 +239,16 @@ class Migrations:
                 finally:
                     self._transfers.pop(task.id, None)
             except UsherError as exc:
-                if not await self._settle_failure(vm, src, dst):
+                if not await self._settle_failure(vm, src, dst, keep_disk=shared):
                     raise _again(exc, f"{what} failed{' ' + step if step else ''}: "
                                       f"{exc.message}") from exc
                 log.warning("%s of %s failed (%s), but the VM arrived", what, vm.name,
                             exc.message)
                 arrived = True
         if arrived:
-            # The source's copy of the disk and its console log are stale now.
-            await self._forget(src, vm)
+            # The source's copy of the disk and its console log are stale now
+            # (on a shared store they are the target's, and stay).
+            await self._forget(src, vm, keep_disk=shared)
         # From here on the VM is the target's, whatever else happens.
         self.reg.unhold(dst, vm)
         self.reg.move_vm(vm, dst)
@@ -234,7 +262,8 @@ class Migrations:
             raise _again(exc, f"{what}: the VM is on {dst} now, but taking it over there "
                               f"failed: {exc.message}") from exc
         task.message = f"{what} ({time.monotonic() - started:.1f} s)" + (
-            ", its disk with it" if stopped and disk else "")
+            ", its disk with it" if stopped and disk else "") + (
+            f", its disk on shared store {source.shared_store}" if shared else "")
         await self.vms._succeed(task, vm, dom.state)
 
     async def _domains(self, host: str) -> set[str] | None:
@@ -257,12 +286,13 @@ class Migrations:
         on_source = await self._domains(src)
         return on_source is not None and vm.uuid not in on_source
 
-    async def _settle_failure(self, vm: VmRec, src: str, dst: str) -> bool:
+    async def _settle_failure(self, vm: VmRec, src: str, dst: str, *, keep_disk: bool) -> bool:
         """After a failed step: True if the VM arrived on the target after all.
 
         Otherwise, if the source still has it, the target is cleaned (a
-        half-arrived domain, the prepared disk); if not even that is known,
-        nothing is touched and the hosts' next inventories tell.
+        half-arrived domain, the prepared disk unless ``keep_disk``: the
+        source's own on a shared store); if not even that is known, nothing is
+        touched and the hosts' next inventories tell.
         """
         on_source = await self._domains(src)
         on_target = await self._domains(dst)
@@ -270,16 +300,17 @@ class Migrations:
                 and vm.uuid in on_target:
             return True
         if on_source is not None and vm.uuid in on_source:
-            await self._forget(dst, vm)
+            await self._forget(dst, vm, keep_disk=keep_disk)
         else:
             log.warning("after a failed migration of %s its whereabouts are unknown "
                         "(%s: %s, %s: %s); nothing cleaned", vm.name, src,
                         _seen(vm, on_source), dst, _seen(vm, on_target))
         return False
 
-    async def _forget(self, host: str, vm: VmRec) -> None:
+    async def _forget(self, host: str, vm: VmRec, *, keep_disk: bool) -> None:
         try:
-            await self.ctx.nodes.call(host, "node.forget_vm", UuidArgs(uuid=vm.uuid),
+            await self.ctx.nodes.call(host, "node.forget_vm",
+                                      ForgetArgs(uuid=vm.uuid, keep_disk=keep_disk),
                                       timeout=LOOKUP_TIMEOUT_S)
         except UsherError as exc:
             log.warning("cleaning %s of %s after its migration: %s", host, vm.name,

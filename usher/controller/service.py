@@ -40,7 +40,7 @@ from usher.controller.auth import Identity
 from usher.controller.context import Context
 from usher.controller.events import EventData
 from usher.controller.images import encode_boot
-from usher.controller.migration import Migrations
+from usher.controller.migration import Migrations, has_disk, shares_store
 from usher.controller.models import RequestRecord, Task, Transition, Vm
 from usher.controller.providers import Placement, Row
 from usher.controller.state import BootRecord, TaskRec, VmRec
@@ -68,6 +68,7 @@ from usher.protocol.ops import (
     DefineArgs,
     DomainMsg,
     DomainSpecMsg,
+    ForgetArgs,
     ListArgs,
     MigrateArgs,
     StartArgs,
@@ -75,7 +76,6 @@ from usher.protocol.ops import (
     TaskInfo,
     TaskListArgs,
     TaskWaitArgs,
-    UuidArgs,
     VmConsoleArgs,
     VmInfo,
     VmOpArgs,
@@ -650,7 +650,7 @@ class VmService:
             await self._succeed(task, vm, dom.state)
         elif op == "destroy":
             if vm.state != "unknown" and host is not None:
-                await nodes.call(host, "node.undefine", UuidArgs(uuid=vm.uuid))
+                await nodes.call(host, "node.undefine", ForgetArgs(uuid=vm.uuid))
             await self._destroyed(task, vm)
         elif op == "migrate":
             await self.migrations.run(task, vm)
@@ -665,6 +665,9 @@ class VmService:
     async def _cold_migrate(self, task: TaskRec, vm: VmRec) -> None:
         """Move a VM by defining it on the target and undefining it on the source.
 
+        A VM with a disk moves so only between hosts of one shared store
+        (:func:`~usher.controller.migration.migration_kind`): the target's
+        define finds the disk in place and the source's undefine leaves it.
         Every step is idempotent, so a re-run after a controller restart
         resumes where it stopped.
         """
@@ -672,6 +675,9 @@ class VmService:
         assert source is not None and target is not None
         was = task.step.removeprefix("was_")
         nodes = self.ctx.nodes
+        source_rec, target_rec = self.reg.hosts.get(source), self.reg.hosts.get(target)
+        shared = (has_disk(vm) and source_rec is not None and target_rec is not None
+                  and shares_store(source_rec, target_rec))
         self._progress(task, f"cold migration {source} -> {target}" + (
             "" if was == "stopped" else ": these VMMs cannot migrate it live"))
         if was != "stopped":
@@ -680,7 +686,7 @@ class VmService:
         # The target fetches the VM's image files first if it has none yet.
         await nodes.call(target, "node.define", DefineArgs(spec=spec, start=False),
                          timeout=max(1.0, task.deadline - _now()) if spec.boot else None)
-        await nodes.call(source, "node.undefine", UuidArgs(uuid=vm.uuid))
+        await nodes.call(source, "node.undefine", ForgetArgs(uuid=vm.uuid, keep_disk=shared))
         self.reg.unhold(target, vm)
         self.reg.move_vm(vm, target)
         task.host = target
@@ -690,7 +696,9 @@ class VmService:
                                               ActionArgs(uuid=vm.uuid, action="start"))
             state = dom.state
         task.message = f"cold migration {source} -> {target}" + (
-            " (the VM was restarted)" if was != "stopped" else "")
+            " (the VM was restarted)" if was != "stopped" else "") + (
+            f", its disk on shared store {source_rec.shared_store}"
+            if shared and source_rec is not None else "")
         await self._succeed(task, vm, state)
 
     def _progress(self, task: TaskRec, text: str) -> None:
@@ -737,8 +745,8 @@ class VmService:
             # (idempotent), release, unregister. Nothing of the VM remains.
             if vm.host is not None and self.ctx.nodes.connected(vm.host):
                 try:
-                    await self.ctx.nodes.call(vm.host, "node.undefine", UuidArgs(uuid=vm.uuid),
-                                              timeout=CLEANUP_TIMEOUT_S)
+                    await self.ctx.nodes.call(vm.host, "node.undefine",
+                                              ForgetArgs(uuid=vm.uuid), timeout=CLEANUP_TIMEOUT_S)
                 except UsherError as exc:
                     log.warning("cleanup of failed start %s: %s", vm.name, exc.message)
                     vm.reason = f"start failed: {message}"

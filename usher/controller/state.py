@@ -86,6 +86,8 @@ class HostRec:
     vlans: list[int] = field(default_factory=list)  # as its node manager declares
     migration_uri: str = ""  # where other hosts' libvirtd reach its libvirtd ("": nowhere)
     migration_address: str = ""  # where migration data to it goes ("": libvirt's choice)
+    shared_store: str = ""  # the shared filesystem its image store is on ("": its own)
+    store_id: str = ""  # the id file in that store: the same on every host that mounts it
 
     @property
     def free_memory_mib(self) -> int:
@@ -97,7 +99,8 @@ class HostRec:
                         used_memory_mib=self.used_memory_mib + self.foreign_memory_mib,
                         used_vcpus=self.used_vcpus, vm_count=self.vm_count,
                         live_migration=self.live_migration, last_seen=self.last_seen,
-                        connected=self.connected, vlans=list(self.vlans))
+                        connected=self.connected, vlans=list(self.vlans),
+                        shared_store=self.shared_store)
 
 
 @dataclass(slots=True, eq=False)

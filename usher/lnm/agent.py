@@ -41,7 +41,9 @@ from usher.config import LnmConfig
 from usher.errors import (
     AlreadyExists,
     AuthenticationFailed,
+    ConfigError,
     DomainNotFound,
+    ImageError,
     InvalidOption,
     NotFound,
     PermissionDenied,
@@ -76,6 +78,7 @@ from usher.protocol.ops import (
     DomainMsg,
     DomainStatsMsg,
     Empty,
+    ForgetArgs,
     HostFactsMsg,
     IncomingArgs,
     Inventory,
@@ -84,7 +87,6 @@ from usher.protocol.ops import (
     Op,
     RegisterArgs,
     StatsReply,
-    UuidArgs,
 )
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,7 @@ class Boot:
     kernel: str | None
     initrd: str | None
     console_log: str | None
+    new_disk: bool = False  # the overlay was made for this call (not found in the store)
 
 
 def _artifact(msg: ArtifactMsg) -> Artifact:
@@ -177,6 +180,8 @@ class NodeAgent:
     # ============================================================ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.config.shared_store:
+            await self._store_id()  # a shared store that is not there stops us here
         self.driver.set_lost_callback(self._on_lost)
         await self._call(self.driver.open)
         self.opened.set()
@@ -281,6 +286,32 @@ class NodeAgent:
                                        f"and set join_token_file")
         return tls.client_context(cfg.ca_cert), token_file.read_text().strip()
 
+    async def _store_id(self) -> str:
+        """The image store's id, for the controller ("": this host has no store yet).
+
+        Raises:
+            ConfigError: a shared store's directory is missing (not mounted) or
+                its id cannot be written or read.
+        """
+        cfg = self.config
+
+        def read() -> str:  # in the image pool: a hung network mount blocks only it
+            if not Path(cfg.image_dir).is_dir():
+                if cfg.shared_store:
+                    raise ConfigError(f"image_dir {cfg.image_dir} does not exist: mount "
+                                      f"shared store {cfg.shared_store} there before starting")
+                return ""
+            return self.images.store_id()
+
+        try:
+            return await self._in_image_pool(read)
+        except ConfigError as exc:
+            if cfg.shared_store:
+                raise
+            log.warning("image store without an id (%s): the controller cannot tell "
+                        "whether another host shares it", exc.message)
+            return ""
+
     async def _connect(self) -> Connection:
         cfg = self.config
         context, token = self._tls()
@@ -307,13 +338,15 @@ class NodeAgent:
             domains = await self._call(self.driver.list_domains)
             facts = await self._call(self.driver.host_facts)
             caps = self.driver.capabilities
+            store_id = await self._store_id()
             await conn.request("node.register", RegisterArgs(
                 facts=HostFactsMsg(hostname=self.hostname, cpus=facts.cpus,
                                    memory_mib=facts.memory_mib, hypervisor=facts.hypervisor,
                                    live_migration=caps.live_migration,
                                    managed_save=caps.managed_save, vlans=list(cfg.vlans),
                                    migration_uri=cfg.migration_uri,
-                                   migration_address=cfg.migration_address),
+                                   migration_address=cfg.migration_address,
+                                   shared_store=cfg.shared_store, store_id=store_id),
                 domains=[domain_msg(d) for d in domains]))
         except UsherError as exc:
             await conn.close(f"registering failed: {exc.message}")
@@ -352,7 +385,7 @@ class NodeAgent:
                 await asyncio.to_thread(self.driver.address_ready, args.spec.uuid)
             return result
         except BaseException:
-            if boot is not None and boot.disk is not None:
+            if boot is not None and boot.new_disk:
                 await self._call(self._drop_unused_overlay, args.spec.uuid)
             raise
 
@@ -419,7 +452,8 @@ class NodeAgent:
         if name == "node.finish_incoming":
             return await self._durably(lambda: domain_msg(self.driver.adopt_incoming(uuid)))
         assert name == "node.forget_vm"
-        return await self._durably(lambda: self._forget_vm(uuid))
+        keep = args.keep_disk
+        return await self._durably(lambda: self._forget_vm(uuid, keep_disk=keep))
 
     async def _in_image_pool(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -436,12 +470,14 @@ class NodeAgent:
         Idempotent by UUID: an overlay left by an earlier attempt is replaced
         by a fresh one (never reused: see ImageStore.prepare_incoming), unless
         a domain here has the UUID, which means the VM (or a migration of it
-        still running) is already here.
+        still running) is already here. With ``shared`` (a store this host
+        shares with the source) no overlay is made or removed: the VM's own
+        must be here, or the store is not mounted as it should be.
         """
         spec, boot = args.spec, args.spec.boot
         if boot is None:
             return Empty()  # nothing to fetch: a VM of a fake host
-        if boot.disk is not None and args.disk_bytes <= 0:
+        if boot.disk is not None and args.disk_bytes <= 0 and not args.shared:
             raise InvalidOption(f"VM {spec.name} has a disk: give its size")
 
         def fetch() -> Path | None:
@@ -454,6 +490,14 @@ class NodeAgent:
 
         base = await self._in_image_pool(fetch)
         if base is None or boot.disk is None:
+            return Empty()
+        if args.shared:
+            if not self.images.has_overlay(spec.uuid):
+                raise ImageError(
+                    f"{self.hostname} does not see the disk of {spec.name} at "
+                    f"{self.images.overlay_path(spec.uuid)}, though it shares store "
+                    f"{self.config.shared_store} with the VM's host: is the store mounted "
+                    f"at its image_dir?", details={"uuid": spec.uuid})
             return Empty()
         if self.images.overlay_path(spec.uuid).exists():
             await self._call(self._refuse_if_defined, spec.uuid)
@@ -555,21 +599,28 @@ class NodeAgent:
             too_early.set()  # no job yet: the progress reporter aborts once it shows
         return Empty()
 
-    def _forget_vm(self, uuid: str) -> Empty:
+    def _forget_vm(self, uuid: str, *, keep_disk: bool = False) -> Empty:
         """Remove this host's traces of a VM that runs elsewhere (hypervisor thread).
 
         The controller asks only once it knows where the VM runs, so a
         hypervisor that cannot be asked (its daemon is down) does not keep
         the disk here: a half-arrived domain goes when the daemon is back.
+        With ``keep_disk`` (a store shared with the host that runs the VM)
+        the disk and console log are that host's and stay.
         """
         try:
             self.driver.undefine(uuid)
         except UsherError as exc:
             log.warning("could not undefine %s while forgetting it: %s", uuid, exc.message)
+        if not keep_disk:
+            self._remove_vm_files(uuid)
+        return Empty()
+
+    def _remove_vm_files(self, uuid: str) -> None:
+        """Delete the VM's overlay (never a base) and console log, if this host has a store."""
         if self._images is not None or Path(self.config.image_dir).exists():
             self.images.remove_overlay(uuid)
             (self.images.vm_dir / f"{uuid}.console.log").unlink(missing_ok=True)
-        return Empty()
 
     # ================================================================ images
     @property
@@ -589,11 +640,15 @@ class NodeAgent:
             base = store.base(_artifact(boot.disk)) if boot.disk else None
             kernel = str(store.base(_artifact(boot.kernel))) if boot.kernel else None
             initrd = str(store.base(_artifact(boot.initrd))) if boot.initrd else None
-            disk = None
+            disk, new_disk = None, False
             if base is not None and boot.disk is not None:
+                # Found, not made: a retried define, or a cold move between
+                # hosts of one shared store (then the disk is the VM's own).
+                new_disk = not store.has_overlay(uuid)
                 disk = str(store.overlay(uuid, base, boot.disk.format))
             return Boot(disk=disk, kernel=kernel, initrd=initrd,
-                        console_log=str(store.vm_dir / f"{uuid}.console.log"))
+                        console_log=str(store.vm_dir / f"{uuid}.console.log"),
+                        new_disk=new_disk)
 
         try:
             return await asyncio.wait_for(loop.run_in_executor(self._image_pool, fetch),
@@ -603,8 +658,8 @@ class NodeAgent:
                            f"{self.config.image_fetch_timeout_s:g} s") from None
 
     def _drop_unused_overlay(self, uuid: str) -> None:
-        # A define that failed leaves no disk behind, unless the domain exists
-        # after all (a retry of a define that had worked).
+        # A define that failed leaves no disk it made behind, unless the
+        # domain exists after all (a retry of a define that had worked).
         try:
             self.driver.get_domain(uuid)
         except DomainNotFound:
@@ -681,14 +736,13 @@ class NodeAgent:
                 return domain_msg(self._action(action))
             return act
         if op.name == "node.undefine":
-            assert isinstance(args, UuidArgs)
+            assert isinstance(args, ForgetArgs)
             uuid = args.uuid
 
             def undefine() -> Empty:
                 d.undefine(uuid)
-                if self._images is not None or Path(self.config.image_dir).exists():
-                    self.images.remove_overlay(uuid)  # the VM's disk; never a base
-                    (self.images.vm_dir / f"{uuid}.console.log").unlink(missing_ok=True)
+                if not args.keep_disk:
+                    self._remove_vm_files(uuid)
                 return Empty()
             return undefine
         if op.name == "node.console":

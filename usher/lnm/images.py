@@ -26,6 +26,13 @@ the same base, of the source overlay's virtual size
 its store under the same root, so the path and the base path recorded inside
 the overlay are the same everywhere.
 
+A store on a filesystem that several hosts mount (NFS, GlusterFS, CephFS, at
+the same path everywhere) is *shared*: the node manager names it
+(``shared_store`` in its config) and :meth:`ImageStore.store_id` tells which
+filesystem it really is, so the controller moves VMs between hosts of one
+store without copying their disks. Writes that hosts could race on go
+through unique temporary names and atomic renames.
+
 Everything here blocks (downloads, ``qemu-img``): the node manager calls it in
 its hypervisor thread, like the driver. Every download and command runs under
 a timeout, and downloads under a size limit.
@@ -39,12 +46,14 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +70,7 @@ from usher.errors import (
 log = logging.getLogger(__name__)
 
 DISK_FORMATS = ("qcow2", "raw")
+STORE_ID_FILE = ".usher-store-id"
 ARTIFACT_KINDS = ("disk", "kernel", "initrd")
 CHUNK = 1 << 20
 QEMU_IMG_TIMEOUT_S = 60.0
@@ -368,7 +378,9 @@ class ImageStore:
             if path.exists():
                 return path
             self.prepare()
-            partial = self.base_dir / f".partial-{artifact.sha256}-{os.getpid()}"
+            # Unique per host too: on a shared store another host may fetch it now.
+            partial = self.base_dir / (f".partial-{artifact.sha256}-{socket.gethostname()}"
+                                       f"-{os.getpid()}")
             try:
                 FETCHERS[urllib.parse.urlsplit(artifact.url).scheme](
                     artifact.url, partial, self.fetch_timeout_s, self.max_bytes)
@@ -469,6 +481,45 @@ class ImageStore:
 
     def overlay_path(self, vm_uuid: str) -> Path:
         return self.vm_dir / f"{vm_uuid}.qcow2"
+
+    def has_overlay(self, vm_uuid: str) -> bool:
+        return self.overlay_path(vm_uuid).exists()
+
+    def store_id(self) -> str:
+        """This store's identity: a random id kept in ``ROOT/.usher-store-id``.
+
+        Made by the first host to ask (a hard link of a written file, atomic
+        on NFS and GlusterFS too: nobody reads a half-written id), so every
+        host that mounts the same filesystem reads the same id, and a host
+        whose store is not mounted (a local directory under the same path)
+        has an id of its own.
+
+        Raises:
+            ConfigError: the store or its id file cannot be written or read.
+        """
+        self.prepare()
+        path = self.root / STORE_ID_FILE
+        if not path.exists():
+            mine = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}")
+            try:
+                mine.write_text(uuid.uuid4().hex + "\n")
+                os.link(mine, path)
+            except FileExistsError:
+                pass  # another host was first: its id is the store's
+            except OSError as exc:
+                raise ConfigError(f"cannot write the image store's id {path}: "
+                                  f"{exc.strerror}") from None
+            finally:
+                mine.unlink(missing_ok=True)
+        try:
+            found = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the image store's id {path}: {exc.strerror}") \
+                from None
+        if not re.fullmatch(r"[0-9a-f]{32}", found):
+            raise ConfigError(f"{path} does not hold an image store id; remove it and "
+                              f"restart the node managers of this store")
+        return found
 
     def remove_overlay(self, vm_uuid: str) -> bool:
         """Delete the VM's overlay (never a base); True if there was one."""

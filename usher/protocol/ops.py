@@ -122,6 +122,7 @@ class HostInfo(_S):
     last_seen: float = 0.0
     connected: bool = False  # its node manager is connected now
     vlans: list[int] = []  # VLAN ids the host carries
+    shared_store: str = ""  # the shared filesystem its image store is on ("": its own)
 
 
 # --------------------------------------------------------- client operations
@@ -219,6 +220,8 @@ class HostFactsMsg(_S):
     vlans: list[int] = []  # VLAN ids the host's bridge carries
     migration_uri: str = ""  # libvirt URI other hosts' libvirtd reach this one at ("": none)
     migration_address: str = ""  # where migration data goes: tcp://IP ("": libvirt's choice)
+    shared_store: str = ""  # the shared filesystem its image store is on ("": its own)
+    store_id: str = ""  # which filesystem that really is (the id file in the store)
 
 
 class RegisterArgs(_S):
@@ -380,6 +383,12 @@ class DiskSizeMsg(_S):
 class IncomingArgs(_S):
     spec: DomainSpecMsg  # the VM as the controller knows it (its boot names the artifacts)
     disk_bytes: int = 0  # virtual size of the empty overlay to make (0: the VM has no disk)
+    shared: bool = False  # the disk is on a store both hosts share: check it is there, make none
+
+
+class ForgetArgs(_S):
+    uuid: str
+    keep_disk: bool = False  # the disk and console log are on a shared store: leave them
 
 
 class NodeMigrateArgs(_S):
@@ -502,13 +511,16 @@ OPS: dict[str, Op] = {
            doc="Define (and boot) a domain; idempotent by UUID."),
         Op("node.action", "controller", ActionArgs, DomainMsg, timeout="node",
            doc="Run a lifecycle action on a domain; a repeat is harmless."),
-        Op("node.undefine", "controller", UuidArgs, Empty, timeout="node",
-           doc="Power off and undefine a domain; a missing domain succeeds."),
+        Op("node.undefine", "controller", ForgetArgs, Empty, timeout="node",
+           doc="Power off and undefine a domain, and delete its disk and console log "
+               "unless `keep_disk` (a cold move between hosts of one shared store); a "
+               "missing domain succeeds."),
         Op("node.disk_size", "controller", UuidArgs, DiskSizeMsg, timeout="node",
            doc="The virtual size of a VM's disk here (before a live migration)."),
         Op("node.prepare_incoming", "controller", IncomingArgs, Empty, timeout="node",
            doc="Make ready for a VM arriving by migration: fetch its boot artifacts, make "
-               "its empty disk; idempotent by UUID (refused if the domain is here)."),
+               "its empty disk (with `shared`: check that its disk is in this host's "
+               "store); idempotent by UUID (refused if the domain is here)."),
         Op("node.migrate", "controller", NodeMigrateArgs, Empty, timeout="wait",
            doc="Move a domain live to another host's libvirtd (peer to peer), then delete "
                "its disk and console log here; progress goes up as `migration` pushes."),
@@ -516,9 +528,10 @@ OPS: dict[str, Op] = {
            doc="Abort a domain's outgoing migration; none running: no-op."),
         Op("node.finish_incoming", "controller", UuidArgs, DomainMsg, timeout="node",
            doc="Take over a domain that arrived by migration (its DHCP entry); returns it."),
-        Op("node.forget_vm", "controller", UuidArgs, Empty, timeout="node",
+        Op("node.forget_vm", "controller", ForgetArgs, Empty, timeout="node",
            doc="Remove what this host keeps of a VM that runs on another host: a "
-               "half-arrived domain, its disk, its console log."),
+               "half-arrived domain, its disk and console log (unless `keep_disk`: "
+               "a store both hosts share)."),
         Op("node.console", "controller", ConsoleArgs, ConsoleText, timeout="node",
            doc="The last lines a domain printed on its serial console (its console log)."),
         Op("node.console_open", "controller", ConsoleOpenArgs, Empty, timeout="node",

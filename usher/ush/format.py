@@ -168,21 +168,25 @@ def vm_table(vms: Sequence[VmInfo], domain: str | None, now: float, *,
 
 
 def host_table(hosts: Sequence[HostInfo]) -> str:
-    """The ``vmm_list`` table: NAME STATE CPUS MEM(MiB) USED VMS, and VLANS when
-    any host declares VLANs.
+    """The ``vmm_list`` table: NAME STATE CPUS MEM(MiB) USED VMS, and VLANS and
+    STORE when any host declares VLANs or a shared image store.
 
     USED is the memory (MiB) and vcpus taken by VMs: ``1024M/2``.
     """
     with_vlans = any(h.vlans for h in hosts)
+    with_stores = any(h.shared_store for h in hosts)
     rows = []
     for h in sorted(hosts, key=lambda h: h.name):
         row = [h.name, h.state, str(h.cpus), str(h.memory_mib),
                f"{h.used_memory_mib}M/{h.used_vcpus}", str(h.vm_count)]
         if with_vlans:
             row.append(",".join(map(str, h.vlans)) or _NONE)
+        if with_stores:
+            row.append(h.shared_store or _NONE)
         rows.append(row)
     headers = ["NAME", "STATE", "CPUS", "MEM(MiB)", "USED", "VMS"]
-    return render_table(headers + ["VLANS"] * with_vlans, rows, right=(2, 3, 4, 5))
+    return render_table(headers + ["VLANS"] * with_vlans + ["STORE"] * with_stores, rows,
+                        right=(2, 3, 4, 5))
 
 
 def image_table(images: Sequence[ImageInfo]) -> str:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from usher.controller.migration import COLD, DISK, LIVE, migration_kind, uses_tls
+from usher.controller.migration import COLD, DISK, LIVE, migration_kind, shares_store, uses_tls
 from usher.controller.state import HostRec
 from usher.errors import MigrationUnsupported
 
 
-def host(name: str, *, live: bool = True, uri: str = "qemu+tls://{name}/system") -> HostRec:
+def host(name: str, *, live: bool = True, uri: str = "qemu+tls://{name}/system",
+         store: str = "", store_id: str = "") -> HostRec:
     return HostRec(name=name, state="up", disabled=False, hypervisor="qemu:///system", cpus=4,
-                   memory_mib=8192, live_migration=live, migration_uri=uri.format(name=name))
+                   memory_mib=8192, live_migration=live, migration_uri=uri.format(name=name),
+                   shared_store=store, store_id=store_id)
 
 
 A, B = host("vmm1"), host("vmm2")
@@ -38,6 +40,41 @@ def test_without_live_migration_only_vms_without_a_disk_move(
             migration_kind(state, True, source, target)
         assert f"cannot move the disk of a {state} VM from {source.name} to {target.name}" \
             in caught.value.message
+
+
+SHARED_ID, OTHER_ID = "a" * 32, "b" * 32
+
+
+def test_hosts_share_a_store_they_both_name_and_both_see() -> None:
+    nfs1, nfs2 = host("vmm1", store="nfs", store_id=SHARED_ID), host("vmm2", store="nfs",
+                                                                       store_id=SHARED_ID)
+    assert shares_store(nfs1, nfs2)
+    assert not shares_store(nfs1, host("vmm3", store="nfs", store_id=OTHER_ID))  # not mounted
+    assert not shares_store(nfs1, host("vmm3", store="gluster", store_id=OTHER_ID))
+    assert not shares_store(host("vmm3"), host("vmm4"))  # own stores, no ids yet
+
+
+def test_between_hosts_of_one_shared_store_a_disk_never_moves() -> None:
+    a, b = host("vmm1", store="nfs", store_id=SHARED_ID), host("vmm2", store="nfs",
+                                                               store_id=SHARED_ID)
+    assert migration_kind("running", True, a, b) == LIVE  # without copying (see _by_libvirt)
+    assert migration_kind("stopped", True, a, b) == COLD  # define there, undefine here
+    # Hosts that cannot migrate live move a VM with a disk cold (it is restarted).
+    fa, fb = (host(n, live=False, store="nfs", store_id=SHARED_ID) for n in ("f1", "f2"))
+    for state in ("running", "paused", "stopped"):
+        assert migration_kind(state, True, fa, fb) == COLD
+
+
+def test_one_store_that_the_hosts_do_not_both_name_as_shared_is_refused() -> None:
+    # Copying would make the target's empty overlay over the VM's own disk.
+    for a, b in ((host("vmm1", store_id=SHARED_ID), host("vmm2", store_id=SHARED_ID)),
+                 (host("vmm1", store="nfs", store_id=SHARED_ID),
+                  host("vmm2", store="nfs2", store_id=SHARED_ID))):
+        for state in ("running", "stopped"):
+            with pytest.raises(MigrationUnsupported, match="same image store, but do not both "
+                                                           "name it as their shared_store"):
+                migration_kind(state, True, a, b)
+        assert migration_kind("running", False, a, b) == LIVE  # no disk: nothing to lose
 
 
 def test_the_target_uri_decides_on_encrypting_the_data() -> None:

@@ -17,7 +17,7 @@ from usher.errors import ImageError
 from usher.lnm.agent import NodeAgent, address_parameters
 from usher.lnm.drivers.libvirt import LibvirtDriver
 from usher.lnm.fakehost import FakeHost
-from usher.protocol.ops import OPS, ArtifactMsg, BootMsg, DefineArgs, DomainSpecMsg, UuidArgs
+from usher.protocol.ops import OPS, ArtifactMsg, BootMsg, DefineArgs, DomainSpecMsg, ForgetArgs
 
 UUID = "0b7e4c1a-5d2f-4e8a-9c3b-7f6e5d4c3b2a"
 
@@ -75,7 +75,7 @@ async def test_boot_artifacts_become_an_overlay_and_a_kernel_boot(
     assert ("<cmdline>console=ttyS0 usher.ip=10.87.0.7/16 usher.hostname=t1 "
             "usher.gw=10.87.0.1 ip=10.87.0.7::10.87.0.1:255.255.0.0:t1::off</cmdline>") in xml
     (tmp_path / "images" / "vms" / f"{UUID}.console.log").write_text("booted\n")
-    await agent._handle(None, OPS["node.undefine"], UuidArgs(uuid=UUID),
+    await agent._handle(None, OPS["node.undefine"], ForgetArgs(uuid=UUID),
                         "r2")  # type: ignore[arg-type]
     assert not overlay.exists()
     assert not (tmp_path / "images" / "vms" / f"{UUID}.console.log").exists()

@@ -8,6 +8,7 @@ libvirtd hosts in tests/e2e/realguest.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import subprocess
@@ -19,10 +20,13 @@ import pytest
 from usher.config import LnmConfig
 from usher.errors import (
     AlreadyExists,
+    ConfigError,
     DomainNotFound,
+    ImageError,
     InvalidOption,
     MigrationUnsupported,
     NotFound,
+    UsherError,
 )
 from usher.lnm.agent import NodeAgent
 from usher.lnm.drivers.libvirt import LibvirtDriver
@@ -36,6 +40,7 @@ from usher.protocol.ops import (
     DomainMsg,
     DomainSpecMsg,
     Empty,
+    ForgetArgs,
     IncomingArgs,
     NodeMigrateArgs,
     UuidArgs,
@@ -156,10 +161,98 @@ async def test_a_host_forgets_a_vm_that_runs_elsewhere(agent: NodeAgent, boot: B
     vms = tmp_path / "images" / "vms"
     (vms / f"{UUID}.console.log").write_text("booted\n")
     for _ in range(2):  # a repeat is harmless
-        assert await call(agent, "node.forget_vm", UuidArgs(uuid=UUID)) == Empty()
+        assert await call(agent, "node.forget_vm", ForgetArgs(uuid=UUID)) == Empty()
     assert sorted(p.name for p in vms.iterdir()) == []
     with pytest.raises(DomainNotFound):
         agent.driver.get_domain(UUID)
     with pytest.raises(DomainNotFound):
         await call(agent, "node.finish_incoming", UuidArgs(uuid=UUID))
     assert any((tmp_path / "images" / "base").iterdir())  # bases stay
+
+
+# -- a store shared with other hosts ------------------------------------------------
+
+
+def shared_agent(tmp_path: Path, store: Path, name: str = "h3") -> NodeAgent:
+    """A second node manager whose image_dir is ``store`` (one filesystem, two hosts)."""
+    host = FakeHost.create(tmp_path / f"{name}.xml", hostname=name, cpus=4, memory_mib=8192)
+    driver = LibvirtDriver(host.uri, fake_host=host)
+    driver.open()
+    return NodeAgent(LnmConfig(hostname=name, image_dir=str(store), shared_store="nfs-a",
+                               image_fetch_timeout_s=10), driver)
+
+
+async def test_on_a_shared_store_the_target_checks_the_disk_and_touches_nothing(
+        agent: NodeAgent, boot: BootMsg, tmp_path: Path) -> None:
+    store = tmp_path / "images"
+    await call(agent, "node.define", DefineArgs(spec=spec(boot)))
+    overlay = store / "vms" / f"{UUID}.qcow2"
+    qemu_io(overlay, "write -P 0x5a 0 1M")
+    other = shared_agent(tmp_path, store)
+    assert await call(other, "node.prepare_incoming",
+                      IncomingArgs(spec=spec(boot), shared=True)) == Empty()
+    qemu_io(overlay, "read -P 0x5a 0 1M")  # not replaced by an empty one
+
+    # A target that does not see the disk (its store is not mounted) says so.
+    unmounted = shared_agent(tmp_path, tmp_path / "local", name="h4")
+    with pytest.raises(ImageError, match="does not see the disk .* is the store mounted"):
+        await call(unmounted, "node.prepare_incoming",
+                   IncomingArgs(spec=spec(boot), shared=True))
+    assert not (tmp_path / "local" / "vms" / f"{UUID}.qcow2").exists()
+
+
+async def test_forgetting_or_undefining_with_keep_disk_leaves_the_shared_disk(
+        agent: NodeAgent, boot: BootMsg, tmp_path: Path) -> None:
+    vms = tmp_path / "images" / "vms"
+    await call(agent, "node.define", DefineArgs(spec=spec(boot)))
+    (vms / f"{UUID}.console.log").write_text("booted\n")
+    await call(agent, "node.forget_vm", ForgetArgs(uuid=UUID, keep_disk=True))
+    with pytest.raises(DomainNotFound):
+        agent.driver.get_domain(UUID)
+    assert sorted(p.name for p in vms.iterdir()) == [f"{UUID}.console.log", f"{UUID}.qcow2"]
+
+    # A cold move: the target defines the VM on the disk it finds; the source
+    # undefines its copy of the definition and keeps the disk.
+    other = shared_agent(tmp_path, tmp_path / "images")
+    await call(agent, "node.define", DefineArgs(spec=spec(boot), start=False))
+    qemu_io(vms / f"{UUID}.qcow2", "write -P 0x3c 0 1M")
+    await call(other, "node.define", DefineArgs(spec=spec(boot), start=False))
+    await call(agent, "node.undefine", ForgetArgs(uuid=UUID, keep_disk=True))
+    qemu_io(vms / f"{UUID}.qcow2", "read -P 0x3c 0 1M")
+    assert other.driver.get_domain(UUID).state == "stopped"
+
+    # Destroying it (no keep_disk) deletes the disk.
+    await call(other, "node.undefine", ForgetArgs(uuid=UUID))
+    assert sorted(p.name for p in vms.iterdir()) == []
+
+
+async def test_a_failed_define_keeps_a_disk_it_found(
+        agent: NodeAgent, boot: BootMsg, tmp_path: Path) -> None:
+    vms = tmp_path / "images" / "vms"
+    await call(agent, "node.define", DefineArgs(spec=spec(boot), start=False))
+    other = shared_agent(tmp_path, tmp_path / "images")
+    # A domain of the same name there: libvirt refuses the define after the fetch.
+    clash = DomainSpecMsg(uuid="0d1f0e2a-3b4d-4c5e-8f60-718293a4b5c6", name=spec(None).name,
+                          memory_mib=128, vcpus=1, mac="52:54:00:aa:bb:02", owner="seuss",
+                          task_id="task-m0")
+    await call(other, "node.define", DefineArgs(spec=clash, start=False))
+    with pytest.raises(UsherError, match="is taken by"):
+        await call(other, "node.define", DefineArgs(spec=spec(boot), start=False))
+    assert (vms / f"{UUID}.qcow2").exists()  # the VM's own disk, on the shared store
+
+
+async def test_hosts_of_one_store_report_its_id_and_a_missing_mount_stops_the_agent(
+        agent: NodeAgent, tmp_path: Path) -> None:
+    store = tmp_path / "images"
+    store.mkdir()
+    first = await agent._store_id()
+    assert len(first) == 32
+    assert await shared_agent(tmp_path, store)._store_id() == first
+    assert (store / ".usher-store-id").read_text().strip() == first
+    (tmp_path / "local").mkdir()
+    assert await shared_agent(tmp_path, tmp_path / "local", name="h4")._store_id() != first
+
+    missing = shared_agent(tmp_path, tmp_path / "not-mounted", name="h5")
+    with pytest.raises(ConfigError, match="does not exist: mount shared store nfs-a"):
+        await missing.run(asyncio.Event())
+    assert not (tmp_path / "not-mounted").exists()

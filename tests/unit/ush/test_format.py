@@ -192,6 +192,16 @@ def test_host_table_shows_vlans_when_any_host_has_them() -> None:
     assert lines[1].split()[-1] == "30,31" and lines[2].split()[-1] == "-"
 
 
+def test_host_table_shows_shared_stores_when_any_host_has_one() -> None:
+    hosts = [HostInfo(name="vmm1", state="up", hypervisor="qemu", cpus=8, memory_mib=16384,
+                      used_memory_mib=0, used_vcpus=0, vm_count=0, shared_store="nfs-a"),
+             HostInfo(name="vmm2", state="up", hypervisor="qemu", cpus=8, memory_mib=16384,
+                      used_memory_mib=0, used_vcpus=0, vm_count=0)]
+    lines = fmt.host_table(hosts).splitlines()
+    assert lines[0].split()[-1] == "STORE"
+    assert lines[1].split()[-1] == "nfs-a" and lines[2].split()[-1] == "-"
+
+
 def test_task_table() -> None:
     tasks = [task("running", progress="booting", created=NOW - 5),
              task("done", id="aa", vm_state="running", created=NOW - 90)]
