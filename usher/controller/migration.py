@@ -228,7 +228,7 @@ class Migrations:
                 args = NodeMigrateArgs(uuid=vm.uuid, target_uri=target.migration_uri,
                                        migrate_uri=target.migration_address or None,
                                        tls=uses_tls(target.migration_uri),
-                                       copy_storage=disk and not shared,
+                                       copy_storage=disk and not shared, keep_disk=shared,
                                        stopped=stopped, timeout_s=max(1.0, remaining - margin))
                 doing = "moving its disk" if stopped else "connecting"
                 self.vms._progress(task, f"{what}: {doing}")

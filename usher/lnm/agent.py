@@ -553,8 +553,10 @@ class NodeAgent:
                                f"complete", details={"uuid": uuid, "aborted": False}) from None
         finally:
             self._migrating.pop(uuid, None)
-        # The domain runs on the target now, from its own copy of the disk.
-        await self._durably(lambda: self._forget_vm(uuid))
+        # The domain runs on the target now, from its own copy of the disk
+        # (or from this very disk, on a store the two hosts share: it stays).
+        keep = args.keep_disk
+        await self._durably(lambda: self._forget_vm(uuid, keep_disk=keep))
         return Empty()
 
     def _progress_reporter(self, uuid: str, abort: threading.Event

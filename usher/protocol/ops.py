@@ -397,6 +397,7 @@ class NodeMigrateArgs(_S):
     migrate_uri: str | None = None  # where the data goes (default: the target's choice)
     tls: bool = False  # encrypt the migration data too (QEMU's TLS, site-CA certificates)
     copy_storage: bool = True  # copy the VM's disk into the target's prepared overlay
+    keep_disk: bool = False  # the disk and console log are on a store the target shares
     stopped: bool = False  # a stopped VM moving its disk: started paused, never run
     timeout_s: float = 300.0  # aborted after this long; the VM stays here
 

@@ -8,7 +8,9 @@ namespace, as ``reference/platform-notes.md`` describes:
   of /etc/libvirt, /run/libvirt, /var/lib/libvirt, /var/cache/libvirt and
   /var/log/libvirt over the real ones, and the host's private image store over
   one path that is the same on every host (:attr:`HostCluster.store_path`), as
-  a site's hosts all keep their store at the same place. Everything else runs
+  a site's hosts all keep their store at the same place. With
+  ``shared_store=True`` every host mounts one GlusterFS volume there instead
+  (:mod:`.gluster`): one store that all hosts share. Everything else runs
   inside through ``nsenter -t ANCHOR``.
 * Each libvirtd has its own ``host_uuid`` (libvirt will not migrate to "the same
   host"), listens on TCP on its own address without authentication (tests
@@ -53,6 +55,7 @@ from typing import Any, TypeVar
 
 import libvirt
 
+from tests.e2e.realguest.gluster import GlusterVolume
 from usher.lnm.kvm import fix_kvm_permissions
 from usher.lnm.libvirt_pki import install as install_pki
 from usher.protocol.pki import SitePki, issue_host_cert_files, write_site_pki
@@ -189,6 +192,7 @@ class TestHost:
     root: Path              # this host's private files: etc/, run/, lib/, cache/, log/, store/
     store_path: Path        # where the host (and its QEMU) sees its image store
     host_uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
+    shared: bool = False    # its store is the cluster's GlusterFS volume, not its own
     anchor: subprocess.Popen[bytes] | None = None
     daemons: dict[str, tuple[int, int | None]] = field(default_factory=dict)
 
@@ -210,6 +214,9 @@ class TestHost:
     @property
     def store_dir(self) -> Path:
         """This host's image store as the root namespace sees it."""
+        if self.shared:  # a mount only the host's mount namespace has
+            assert self.anchor is not None
+            return Path(f"/proc/{self.anchor.pid}/root") / self.store_path.relative_to("/")
         return self.root / "store"
 
     def outside(self, inside: str | Path) -> Path:
@@ -380,10 +387,12 @@ class HostCluster:
     only the namespaces named with :data:`PREFIX`.
     """
 
-    def __init__(self, count: int, *, base_dir: Path | None = None) -> None:
+    def __init__(self, count: int, *, base_dir: Path | None = None,
+                 shared_store: bool = False) -> None:
         if not 1 <= count <= 9:
             raise ValueError("between 1 and 9 hosts")
         self.count = count
+        self.shared_store = shared_store
         self.base = Path(tempfile.mkdtemp(prefix=PREFIX, dir=base_dir or "/var/tmp"))
         self.base.chmod(0o755)
         self.store_path = self.base / "store"  # empty here; each host mounts its own over it
@@ -392,6 +401,7 @@ class HostCluster:
         self.hosts: list[TestHost] = []
         self._namespaces: list[str] = []
         self.pki: SitePki | None = None  # the site CA of the hosts' certificates
+        self.gluster: GlusterVolume | None = None  # the shared store's server, if any
 
     def __enter__(self) -> HostCluster:
         try:
@@ -421,10 +431,20 @@ class HostCluster:
         self._ip(self.switch, "addr", "add", f"{CLIENT_IP}/{SUBNET.prefixlen}",
                  "dev", self.bridge)
         self._ip(self.switch, "link", "set", self.bridge, "up")
+        self._ip(self.switch, "link", "set", "lo", "up")
+        if self.shared_store:
+            self.gluster = GlusterVolume(self.switch, str(CLIENT_IP), self.base / "gluster")
+            self.gluster.start()
         cache_seed = Path("/var/cache/libvirt")
         for index in range(1, self.count + 1):
             host = self._make_host(index, cache_seed)
             self.hosts.append(host)
+            if self.gluster is not None:
+                assert host.anchor is not None
+                self.gluster.mount(host.anchor.pid, self.store_path,
+                                   pid_file=Path("/run/libvirt/glusterfs.pid"),
+                                   pid_file_outside=host.root / "run" / "glusterfs.pid",
+                                   log_file=Path("/var/log/libvirt/glusterfs.log"))
             host.start_daemons()
             host.call(self._define_network)
             # The next host starts from this one's warm QEMU capabilities cache.
@@ -451,7 +471,7 @@ class HostCluster:
         name = f"h{index}"
         host = TestHost(index=index, name=name, netns=f"{PREFIX}{name}",
                         ip=str(SUBNET[index]), root=self.base / name,
-                        store_path=self.store_path)
+                        store_path=self.store_path, shared=self.shared_store)
         for sub in _PRIVATE_DIRS:
             (host.root / sub).mkdir(parents=True)
         (host.root / "store").mkdir()
@@ -521,7 +541,8 @@ class HostCluster:
 
     def _start_anchor(self, host: TestHost) -> None:
         mounts = [(host.root / sub, target) for sub, target in _PRIVATE_DIRS.items()]
-        mounts.append((host.root / "store", self.store_path))
+        if not host.shared:
+            mounts.append((host.root / "store", self.store_path))
         script = "set -e\n" + f"hostname {host.name}\n" + "".join(
             f"mount --bind '{src}' '{dst}'\n" for src, dst in mounts) + "echo anchored\n" \
             "exec sleep infinity\n"
@@ -614,6 +635,11 @@ class HostCluster:
                      lambda p=pid, s=start, h=host: _stop_pid(p, s, 10.0, f"qemu on {h.name}"))
             for name in ("libvirtd", "virtlogd"):
                 step(f"stop {name} on {host.name}", lambda n=name, h=host: h.stop_daemon(n))
+        if self.gluster is not None:  # its clients need the hosts' namespaces: first
+            gluster = self.gluster
+            step("stop GlusterFS", lambda: problems.extend(gluster.close()))
+            self.gluster = None
+        for host in self.hosts:
             if host.anchor is not None:
                 anchor = host.anchor
                 step(f"stop anchor of {host.name}",

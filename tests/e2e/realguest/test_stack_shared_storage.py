@@ -1,0 +1,151 @@
+"""Hosts that share one image store: VMs move between them, their disks never do.
+
+Two libvirtd hosts of :mod:`.hosts` mount one GlusterFS volume (:mod:`.gluster`)
+at their store path, and their node managers name it as their
+``shared_store``. Through the whole stack (ush -> controller -> node
+managers): a running guest migrates live without any of its disk being
+copied (libvirt accepts that only because the disk is on a filesystem it
+knows for shared), and keeps answering; stopped, it moves cold, its disk left
+in place; destroyed, its disk goes.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from tests.e2e.realguest.hosts import SUBNET, HostCluster
+from tests.e2e.realguest.nodes import add_segment_and_tinydisk, lnm_config, start_lnm
+from tests.e2e.site import Site, wait_for
+from usher.lnm.tinyguest import TinyGuest, heartbeats, ready_fields
+
+pytestmark = [pytest.mark.e2e, pytest.mark.realguest, pytest.mark.timeout(180)]
+
+GUEST_IP = str(SUBNET[101])
+BOOT_S = 30.0
+BEAT_S = 8.0
+STORE = "gluster1"
+PATTERN, PATTERN_LEN = "0x6d", "2M"
+READY = "USHER-TINY-GUEST-READY"
+
+
+@dataclass
+class SharedStack:
+    site: Site
+    cluster: HostCluster
+    names: list[str]
+
+    def ush(self, *commands: str, ok: bool = True) -> str:
+        proc = self.site.ush(*commands, timeout=120)
+        if ok:
+            assert proc.returncode == 0, f"{commands}: rc={proc.returncode}\n{proc.stdout}\n" \
+                f"{proc.stderr}\n{self.cluster.diagnostics()}\n--- node managers\n" + \
+                "\n".join(self.site.log(f"lnm-{i}.log")[-3000:] for i in range(2))
+        return proc.stdout + proc.stderr
+
+    def vm(self) -> tuple[str | None, str, str]:
+        [vm] = self.site.client().list_vms(["s1"])
+        return vm.host, vm.state, vm.uuid
+
+    def console(self) -> str:
+        return self.ush("console s1 --tail 400")
+
+    def alive(self, after: int) -> int:
+        beats = wait_for(lambda: [n for n in heartbeats(self.console()) if n > after + 1],
+                         BEAT_S, f"heartbeats after {after}")
+        body = self.cluster.http_get(GUEST_IP)
+        assert body is not None and "host=s1" in body, body
+        return max(beats)
+
+    def disk(self, uuid: str) -> Path:
+        """The VM's overlay in the shared store, as the root namespace reaches it."""
+        return self.cluster.hosts[0].store_dir / "vms" / f"{uuid}.qcow2"
+
+    def domains(self, index: int) -> list[str]:
+        return self.cluster.hosts[index].call(
+            lambda conn: [d.UUIDString() for d in conn.listAllDomains()])
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_guest: TinyGuest, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[SharedStack]:
+    with HostCluster(2, shared_store=True) as cluster:
+        site = Site(tmp_path_factory.mktemp("shared") / "site", lnms=2, task_deadline_s=60.0)
+        try:
+            add_segment_and_tinydisk(site, cluster, tiny_guest)
+            for i, host in enumerate(cluster.hosts):
+                lnm_config(site, i, host, cluster.store_path, shared_store=STORE)
+            site.start_controller()
+            for i, host in enumerate(cluster.hosts):
+                start_lnm(site, i, host)
+            client = site.client()
+            wait_for(lambda: sum(h.state == "up" for h in client.list_hosts()) == 2, 30,
+                     "two VMMs up")
+            yield SharedStack(site=site, cluster=cluster,
+                              names=[h["name"] for h in site.hosts])
+        finally:
+            site.close()
+
+
+def test_a_running_guest_migrates_live_and_its_disk_stays_put(shared: SharedStack) -> None:
+    s = shared
+    vmm1, vmm2 = s.names
+    assert all(h.shared_store == STORE for h in s.site.client().list_hosts())
+    assert "STORE" in s.ush("vmm_list")
+    s.ush(f"start s1 --image tinydisk --ram 128 --vmm {vmm1} --ip_range seg --ip {GUEST_IP}")
+    ready = wait_for(lambda: ready_fields(s.console()), BOOT_S, "the guest's READY marker")
+    _, _, uuid = s.vm()
+    assert ready["uuid"].lower() == uuid
+    beat = s.alive(0)
+    disk = s.disk(uuid)
+    inode = disk.stat().st_ino
+
+    out = s.ush(f"migrate s1 --vmm {vmm2}")
+    found = re.search(rf"live migration {vmm1} -> {vmm2} \((\d+\.\d) s\), its disk on "
+                      rf"shared store {STORE}", out)
+    assert found, out
+    print(f"\nlive hop on a shared store: {found.group(1)} s")
+    job = s.cluster.hosts[1].call(lambda conn: conn.lookupByUUIDString(uuid).jobStats(
+        libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED))
+    assert int(job.get("disk_total", 0)) == 0, job  # not one block of the disk was copied
+    assert s.vm() == (vmm2, "running", uuid)
+    assert s.domains(0) == [] and s.domains(1) == [uuid]
+    assert disk.stat().st_ino == inode  # the same file, kept by the source's cleanup
+    s.alive(beat)
+    # One console log, appended to by both hosts' QEMUs: one boot in it.
+    assert s.console().count(READY) == 1
+
+
+def test_a_stopped_guest_moves_cold_and_its_disk_stays_put(shared: SharedStack) -> None:
+    s = shared
+    vmm1, vmm2 = s.names
+    s.ush("shutdown s1")
+    _, state, uuid = s.vm()
+    assert state == "stopped"
+    disk = s.disk(uuid)
+    inode = disk.stat().st_ino
+    inside = str(s.cluster.store_path / "vms" / f"{uuid}.qcow2")
+    s.cluster.hosts[1].run(["qemu-io", "-f", "qcow2", "-c",
+                            f"write -P {PATTERN} 0 {PATTERN_LEN}", inside])
+
+    started = time.monotonic()
+    out = s.ush(f"migrate s1 --vmm {vmm1}")
+    assert f"cold migration {vmm2} -> {vmm1}, its disk on shared store {STORE}" in out, out
+    print(f"\ncold move on a shared store: {time.monotonic() - started:.2f} s")
+    assert s.vm() == (vmm1, "stopped", uuid)
+    assert s.domains(0) == [uuid] and s.domains(1) == []
+    assert disk.stat().st_ino == inode
+    s.cluster.hosts[0].run(["qemu-io", "-r", "-f", "qcow2", "-c",
+                            f"read -P {PATTERN} 0 {PATTERN_LEN}", inside])
+
+    s.ush("start s1")
+    wait_for(lambda: s.console().count(READY) == 2, BOOT_S, "READY after the move")
+    s.ush("destroy s1")
+    assert not disk.exists()
+    assert not disk.with_name(f"{uuid}.console.log").exists()
