@@ -124,11 +124,27 @@ def migration_kind(state: str, disk: bool, source: HostRec, target: HostRec) -> 
         details={"source": source.name, "target": target.name})
 
 
-def _live_target(source: HostRec | None) -> Callable[[HostRec], bool]:
-    """Placement preference: targets libvirt can move the VM to from ``source``."""
-    def can_take(target: HostRec) -> bool:
-        return source is not None and _why_no_libvirt_move(source, target) is None
-    return can_take
+def target_rank(state: str, disk: bool, source: HostRec | None) -> Callable[[HostRec], int]:
+    """Placement preference for moving a VM in ``state`` (with a ``disk`` or not)
+    off ``source``: higher is better; 0 for a target the move would be refused for.
+
+    A running VM prefers to stay running (live, with no copy where the store is
+    shared) over a cold restart; a stopped VM with a disk prefers a shared store
+    (nothing moves) over copying its disk.
+    """
+    def rank(target: HostRec) -> int:
+        if source is None:
+            return 0
+        live = _why_no_libvirt_move(source, target) is None
+        shared = disk and shares_store(source, target)
+        if disk and source.store_id and source.store_id == target.store_id and not shared:
+            return 0  # refused: see migration_kind
+        if state in ("running", "paused"):
+            return 3 if live and shared else 2 if live else 1 if shared or not disk else 0
+        if disk:
+            return 2 if shared else 1 if live else 0
+        return 1
+    return rank
 
 
 def _why_no_libvirt_move(source: HostRec, target: HostRec) -> str | None:
@@ -162,12 +178,9 @@ class Migrations:
         self._aborts: set[str] = set()  # task ids whose caller asked to abort
 
     # ============================================================ validate
-    def prefers(self, vm: VmRec) -> Callable[[HostRec], bool] | None:
-        """Which targets the scheduler should prefer for ``vm``: for a VM that
-        runs (or has a disk), those libvirt can move it to; else no preference."""
-        if vm.state not in ("running", "paused") and not has_disk(vm):
-            return None
-        return _live_target(self.reg.hosts.get(vm.host or ""))
+    def prefers(self, vm: VmRec) -> Callable[[HostRec], int]:
+        """How the scheduler ranks targets for ``vm`` (see :func:`target_rank`)."""
+        return target_rank(vm.state, has_disk(vm), self.reg.hosts.get(vm.host or ""))
 
     def check(self, vm: VmRec, target: str) -> None:
         """Refuse, when it is asked for, a move that would leave the VM's disk behind."""

@@ -91,11 +91,11 @@ class PlacementProvider(Provider):
         self._reg.move_vm(placement.vm, best.name)
 
     def choose(self, vm: VmRec, vmm: str | None, exclude: Iterable[str] = (),
-               prefer: Callable[[HostRec], bool] | None = None) -> HostRec:
+               prefer: Callable[[HostRec], int] | None = None) -> HostRec:
         """The host ``vm`` should go to; raises if none fits. Changes nothing.
 
-        Among the hosts that fit, those ``prefer`` likes come first (a running
-        VM's migration prefers targets that can take it live).
+        Among the hosts that fit, those ``prefer`` ranks higher come first (a
+        running VM's migration prefers targets that can take it live).
         """
         hosts = self._reg.hosts
         vlan = vm.vlan
@@ -129,7 +129,7 @@ class PlacementProvider(Provider):
                    and h.cpus >= vm.vcpus]
         if not fitting:
             raise self._shortage(vm, candidates)
-        liked = prefer or (lambda _h: True)
+        liked = prefer or (lambda _h: 0)
         return max(fitting, key=lambda h: (liked(h), h.free_memory_mib, h.name))
 
     @staticmethod

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from usher.controller.migration import COLD, DISK, LIVE, migration_kind, shares_store, uses_tls
+from usher.controller.migration import (
+    COLD,
+    DISK,
+    LIVE,
+    migration_kind,
+    shares_store,
+    target_rank,
+    uses_tls,
+)
 from usher.controller.state import HostRec
 from usher.errors import MigrationUnsupported
 
@@ -75,6 +83,36 @@ def test_one_store_that_the_hosts_do_not_both_name_as_shared_is_refused() -> Non
                                                            "name it as their shared_store"):
                 migration_kind(state, True, a, b)
         assert migration_kind("running", False, a, b) == LIVE  # no disk: nothing to lose
+
+
+def test_the_scheduler_ranks_targets_by_what_the_move_costs() -> None:
+    src = host("vmm1", store="nfs", store_id=SHARED_ID)
+    live_shared = host("vmm2", store="nfs", store_id=SHARED_ID)
+    live_own = host("vmm3", store_id=OTHER_ID)
+    cold_shared = host("f1", live=False, store="nfs", store_id=SHARED_ID)
+    cold_own = host("f2", live=False)
+    unnamed_same = host("vmm4", store_id=SHARED_ID)  # one store, not declared shared
+
+    def ranks(state: str, disk: bool) -> list[int]:
+        rank = target_rank(state, disk, src)
+        return [rank(h) for h in (live_shared, live_own, cold_shared, cold_own, unnamed_same)]
+
+    # Running: live without a copy, live with one, a cold restart, refused.
+    assert ranks("running", True) == [3, 2, 1, 0, 0]
+    assert ranks("running", False) == [2, 2, 1, 1, 2]
+    # Stopped with a disk: nothing moves, the disk moves, refused.
+    assert ranks("stopped", True) == [2, 1, 2, 0, 0]
+    assert ranks("stopped", False) == [1, 1, 1, 1, 1]
+    # Every rank above 0 is a move migration_kind accepts; 0, one it refuses.
+    for state in ("running", "stopped"):
+        for disk in (True, False):
+            rank = target_rank(state, disk, src)
+            for target in (live_shared, live_own, cold_shared, cold_own, unnamed_same):
+                if rank(target) > 0:
+                    migration_kind(state, disk, src, target)
+                else:
+                    with pytest.raises(MigrationUnsupported):
+                        migration_kind(state, disk, src, target)
 
 
 def test_the_target_uri_decides_on_encrypting_the_data() -> None:

@@ -135,17 +135,27 @@ def test_registry_tracks_macs() -> None:
 
 
 def test_a_preference_comes_before_free_memory() -> None:
-    from usher.controller.migration import _live_target
+    from usher.controller.migration import target_rank
 
-    reg = _reg(("src", 4, 4096, "up"), ("big", 4, 65536, "up"), ("live", 4, 8192, "up"))
-    for name in ("src", "live"):
+    reg = _reg(("src", 4, 4096, "up"), ("big", 4, 65536, "up"), ("live", 4, 8192, "up"),
+               ("shared", 4, 8192, "up"))
+    for name in ("src", "live", "shared"):
         reg.hosts[name].live_migration = True
     reg.hosts["live"].migration_uri = "qemu+tcp://10.0.0.3/system"
     p = PlacementProvider(reg)
     vm = _vm(reg, 1024)
+    running = target_rank("running", True, reg.hosts["src"])
     assert p.choose(vm, None, exclude={"src"}).name == "big"  # no preference: most free
+    assert p.choose(vm, None, exclude={"src"}, prefer=running).name == "live"
+    # Live on the store the VM's disk is on beats live with a copy of it.
+    reg.hosts["shared"].migration_uri = "qemu+tcp://10.0.0.4/system"
+    for name in ("src", "shared"):
+        reg.hosts[name].shared_store, reg.hosts[name].store_id = "nfs", "a" * 32
+    assert p.choose(vm, None, exclude={"src"}, prefer=running).name == "shared"
+    for name in ("live", "shared"):
+        reg.hosts[name].migration_uri = ""
+    # Nobody can take it live: a cold restart where its disk is, else most free.
+    assert p.choose(vm, None, exclude={"src"}, prefer=running).name == "shared"
+    reg.hosts["shared"].shared_store = ""
     assert p.choose(vm, None, exclude={"src"},
-                    prefer=_live_target(reg.hosts["src"])).name == "live"
-    reg.hosts["live"].migration_uri = ""  # nobody can take it live: most free again
-    assert p.choose(vm, None, exclude={"src"},
-                    prefer=_live_target(reg.hosts["src"])).name == "big"
+                    prefer=target_rank("running", False, reg.hosts["src"])).name == "big"
