@@ -30,12 +30,14 @@ host. When a step fails, the VM stays on the source in its state and the task
 ends in error naming the step; the target is cleaned (``node.forget_vm``) only
 once the source is known to still have the VM, so a VM that arrived after all
 (an abort that came too late) is recorded on the target instead, never
-destroyed. A re-run after a controller restart finds a VM that arrived
-meanwhile and only records it.
+destroyed. A re-run after a controller restart first waits for a transfer
+that the source still runs (its inventory marks the VM ``migrating``), then
+finds a VM that arrived meanwhile and only records it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -49,6 +51,7 @@ from usher.errors import (
     HypervisorError,
     InvalidState,
     MigrationUnsupported,
+    TimedOut,
     UsherError,
 )
 from usher.protocol.ops import (
@@ -80,6 +83,7 @@ at the transfer's timeout to unwind (about a second; libvirt allows 15 s) and
 the target to be cleaned. A quarter of the remaining time at most."""
 
 LOOKUP_TIMEOUT_S = 10.0  # asking a host what it runs, or cleaning it after a failure
+EARLIER_TRANSFER_POLL_S = 0.5  # how often a re-run asks whether the last run's transfer ended
 
 
 def has_disk(vm: VmRec) -> bool:
@@ -216,6 +220,7 @@ class Migrations:
         disk = spec.boot is not None and spec.boot.disk is not None
         shared = disk and shares_store(source, target)  # then the disk stays where it is
         try:
+            await self._await_earlier_transfer(task, vm, src, what)
             arrived = await self._arrived(vm, src, dst)
         except UsherError as exc:
             raise _again(exc, f"{what} failed while asking {dst} what it runs: "
@@ -278,6 +283,26 @@ class Migrations:
             ", its disk with it" if stopped and disk else "") + (
             f", its disk on shared store {source.shared_store}" if shared else "")
         await self.vms._succeed(task, vm, dom.state)
+
+    async def _await_earlier_transfer(self, task: TaskRec, vm: VmRec, src: str,
+                                      what: str) -> None:
+        """Wait while the source still runs a transfer of the VM that an earlier run
+        of the task started (a controller restart came in between), at most
+        until the task's deadline: it ends with the VM on one host or the other."""
+        first = True
+        while True:
+            inv: Inventory = await self.ctx.nodes.call(src, "node.inventory", Empty(),
+                                                       timeout=LOOKUP_TIMEOUT_S)
+            if not any(d.uuid == vm.uuid and d.migrating for d in inv.domains):
+                return
+            if time.time() >= task.deadline:
+                raise TimedOut(f"{src} still migrates {vm.name} (a transfer started before a "
+                               f"controller restart)", details={"uuid": vm.uuid})
+            if first:
+                self.vms._progress(task, f"{what}: waiting for the transfer started before "
+                                         f"the controller restarted")
+                first = False
+            await asyncio.sleep(EARLIER_TRANSFER_POLL_S)
 
     async def _domains(self, host: str) -> set[str] | None:
         """UUIDs of the domains on ``host``; None when it cannot be asked."""

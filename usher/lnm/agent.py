@@ -24,6 +24,7 @@ the event loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import ipaddress
 import logging
@@ -101,9 +102,10 @@ PROGRESS_EVERY_S = 0.5  # progress pushes of one migration, unless the phase cha
 CONSOLE_READ_BYTES = 1 << 20
 
 
-def domain_msg(d: DomainInfo) -> DomainMsg:
+def domain_msg(d: DomainInfo, *, migrating: bool = False) -> DomainMsg:
     return DomainMsg(uuid=d.uuid, name=d.name, state=str(d.state), memory_mib=d.memory_mib,
-                     vcpus=d.vcpus, owner=d.owner, task_id=d.task_id, mac=d.mac)
+                     vcpus=d.vcpus, owner=d.owner, task_id=d.task_id, mac=d.mac,
+                     migrating=migrating)
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,22 +488,20 @@ class NodeAgent:
             for extra in (boot.kernel, boot.initrd):
                 if extra is not None:
                     store.base(_artifact(extra))
+            if base is not None and args.shared and not store.has_overlay(spec.uuid):
+                raise ImageError(
+                    f"{self.hostname} does not see the disk of {spec.name} at "
+                    f"{store.overlay_path(spec.uuid)}, though it shares store "
+                    f"{self.config.shared_store} with the VM's host: is the store mounted "
+                    f"at its image_dir?", details={"uuid": spec.uuid})
             return base
 
         base = await self._in_image_pool(fetch)
-        if base is None or boot.disk is None:
+        if base is None or boot.disk is None or args.shared:
             return Empty()
-        if args.shared:
-            if not self.images.has_overlay(spec.uuid):
-                raise ImageError(
-                    f"{self.hostname} does not see the disk of {spec.name} at "
-                    f"{self.images.overlay_path(spec.uuid)}, though it shares store "
-                    f"{self.config.shared_store} with the VM's host: is the store mounted "
-                    f"at its image_dir?", details={"uuid": spec.uuid})
-            return Empty()
-        if self.images.overlay_path(spec.uuid).exists():
+        if await self._in_image_pool(self.images.has_overlay, spec.uuid):
             await self._call(self._refuse_if_defined, spec.uuid)
-            self.images.remove_overlay(spec.uuid)
+            await self._in_image_pool(self.images.remove_overlay, spec.uuid)
         disk_format = boot.disk.format
         await self._in_image_pool(self.images.prepare_incoming, spec.uuid, base, disk_format,
                                   args.disk_bytes)
@@ -524,17 +524,25 @@ class NodeAgent:
         calls (another VM's start, an inventory) go on meanwhile. The driver
         enforces ``timeout_s`` by aborting; the wait here only guards against
         a driver that does not return.
+
+        The thread, not this call, owns the rest: it keeps the domain marked
+        as migrating (``DomainMsg.migrating`` in inventories) until libvirt
+        returns and then has what stays here deleted, also when this call is
+        gone (the controller went away meanwhile), so a controller that
+        comes back finds the transfer still running, or its end.
         """
         uuid = args.uuid
         if uuid in self._migrating:
             raise AlreadyExists(f"domain {uuid} is already migrating", details={"uuid": uuid})
         abort = threading.Event()
         self._migrating[uuid] = abort  # before any await: a following abort finds it
-        try:
-            loop = asyncio.get_running_loop()
-            report = self._progress_reporter(uuid, abort)
+        loop = asyncio.get_running_loop()
+        report = self._progress_reporter(uuid, abort)
+        keep = args.keep_disk
+        forgotten: list[concurrent.futures.Future[Empty]] = []
 
-            def run() -> None:
+        def run() -> None:
+            try:
                 if args.stopped:
                     self.driver.move_stopped(uuid, args.target_uri, migrate_uri=args.migrate_uri,
                                              tls=args.tls, timeout_s=args.timeout_s,
@@ -543,20 +551,26 @@ class NodeAgent:
                     self.driver.migrate_live(uuid, args.target_uri, migrate_uri=args.migrate_uri,
                                              copy_storage=args.copy_storage, tls=args.tls,
                                              timeout_s=args.timeout_s, progress=report)
+                # The domain runs on the target now, from its own copy of the
+                # disk (or from this very disk, on a store the two hosts
+                # share: it stays).
+                forgotten.append(asyncio.run_coroutine_threadsafe(
+                    self._durably(lambda: self._forget_vm(uuid, keep_disk=keep)), loop))
+            finally:
+                self._migrating.pop(uuid, None)
 
-            try:
-                await asyncio.wait_for(loop.run_in_executor(self._migration_pool, run),
-                                       args.timeout_s + MIGRATION_GRACE_S)
-            except TimeoutError:
-                raise TimedOut(f"the migration of {uuid} did not return within "
-                               f"{args.timeout_s + MIGRATION_GRACE_S:g} s; it may still "
-                               f"complete", details={"uuid": uuid, "aborted": False}) from None
-        finally:
+        try:
+            transfer = loop.run_in_executor(self._migration_pool, run)
+        except BaseException:
             self._migrating.pop(uuid, None)
-        # The domain runs on the target now, from its own copy of the disk
-        # (or from this very disk, on a store the two hosts share: it stays).
-        keep = args.keep_disk
-        await self._durably(lambda: self._forget_vm(uuid, keep_disk=keep))
+            raise
+        try:
+            await asyncio.wait_for(transfer, args.timeout_s + MIGRATION_GRACE_S)
+        except TimeoutError:
+            raise TimedOut(f"the migration of {uuid} did not return within "
+                           f"{args.timeout_s + MIGRATION_GRACE_S:g} s; it may still "
+                           f"complete", details={"uuid": uuid, "aborted": False}) from None
+        await asyncio.wrap_future(forgotten[0])
         return Empty()
 
     def _progress_reporter(self, uuid: str, abort: threading.Event
@@ -752,7 +766,9 @@ class NodeAgent:
             console = args
             return lambda: self._console_tail(console.uuid, console.lines)
         if op.name == "node.inventory":
-            return lambda: Inventory(domains=[domain_msg(x) for x in d.list_domains()])
+            moving = self._migrating  # read in the hypervisor thread (one lookup per domain)
+            return lambda: Inventory(domains=[domain_msg(x, migrating=x.uuid in moving)
+                                              for x in d.list_domains()])
         if op.name == "node.stats":
             return self._domain_stats
         raise PermissionDenied(f"operation {op.name} is not served by a node")

@@ -208,6 +208,7 @@ class DomainMsg(_S):
     owner: str | None = None
     task_id: str | None = None
     mac: str | None = None
+    migrating: bool = False  # an outgoing migration of it runs on this host
 
 
 class HostFactsMsg(_S):

@@ -5,8 +5,9 @@ at their store path, and their node managers name it as their
 ``shared_store``. Through the whole stack (ush -> controller -> node
 managers): a running guest migrates live without any of its disk being
 copied (libvirt accepts that only because the disk is on a filesystem it
-knows for shared), and keeps answering; stopped, it moves cold, its disk left
-in place; destroyed, its disk goes.
+knows for shared), and keeps answering; a controller killed while libvirt
+moves it finds it where it went; stopped, it moves cold, its disk left in
+place; destroyed, its disk goes.
 """
 
 from __future__ import annotations
@@ -122,16 +123,39 @@ def test_a_running_guest_migrates_live_and_its_disk_stays_put(shared: SharedStac
     assert s.console().count(READY) == 1
 
 
-def test_a_stopped_guest_moves_cold_and_its_disk_stays_put(shared: SharedStack) -> None:
+def test_a_controller_killed_mid_transfer_finds_the_guest_where_it_went(
+        shared: SharedStack) -> None:
     s = shared
     vmm1, vmm2 = s.names
+    _, _, uuid = s.vm()
+    before = s.alive(0)
+    client = s.site.client()
+    [task] = client.migrate(["s1"], vmm=vmm1)
+    wait_for(lambda: "%" in client.tasks([task.id])[0].progress, 20,
+             "the transfer to start", interval=0.02)
+    assert s.site.controller is not None
+    s.site.kill(s.site.controller)  # SIGKILL while libvirt moves the guest
+    s.site.start_controller()
+    [done] = client.wait_all([task], 90)
+    assert done.state == "done", done
+    print(f"\nafter a controller restart mid-transfer: {done.message}")
+    assert s.vm() == (vmm1, "running", uuid)
+    assert s.domains(0) == [uuid] and s.domains(1) == []
+    assert s.disk(uuid).exists()
+    s.alive(before)
+    assert s.console().count(READY) == 1
+
+
+def test_a_stopped_guest_moves_cold_and_its_disk_stays_put(shared: SharedStack) -> None:
+    s = shared
+    vmm2, vmm1 = s.names  # the guest is on the first host now
     s.ush("shutdown s1")
     _, state, uuid = s.vm()
     assert state == "stopped"
     disk = s.disk(uuid)
     inode = disk.stat().st_ino
     inside = str(s.cluster.store_path / "vms" / f"{uuid}.qcow2")
-    s.cluster.hosts[1].run(["qemu-io", "-f", "qcow2", "-c",
+    s.cluster.hosts[0].run(["qemu-io", "-f", "qcow2", "-c",
                             f"write -P {PATTERN} 0 {PATTERN_LEN}", inside])
 
     started = time.monotonic()
@@ -139,9 +163,9 @@ def test_a_stopped_guest_moves_cold_and_its_disk_stays_put(shared: SharedStack) 
     assert f"cold migration {vmm2} -> {vmm1}, its disk on shared store {STORE}" in out, out
     print(f"\ncold move on a shared store: {time.monotonic() - started:.2f} s")
     assert s.vm() == (vmm1, "stopped", uuid)
-    assert s.domains(0) == [uuid] and s.domains(1) == []
+    assert s.domains(1) == [uuid] and s.domains(0) == []
     assert disk.stat().st_ino == inode
-    s.cluster.hosts[0].run(["qemu-io", "-r", "-f", "qcow2", "-c",
+    s.cluster.hosts[1].run(["qemu-io", "-r", "-f", "qcow2", "-c",
                             f"read -P {PATTERN} 0 {PATTERN_LEN}", inside])
 
     s.ush("start s1")
