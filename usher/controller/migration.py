@@ -299,6 +299,8 @@ class Migrations:
                 raise TimedOut(f"{src} still migrates {vm.name} (a transfer started before a "
                                f"controller restart)", details={"uuid": vm.uuid})
             if first:
+                log.info("%s: %s still migrates %s (since before a controller restart); "
+                         "waiting for it", what, src, vm.name)
                 self.vms._progress(task, f"{what}: waiting for the transfer started before "
                                          f"the controller restarted")
                 first = False

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tests.e2e.realguest.hosts import NETWORK, SUBNET, HostCluster, TestHost
-from tests.e2e.site import Site
+from tests.e2e.site import Site, wait_for
 from usher.config import LnmConfig, load_toml, to_toml
-from usher.lnm.tinyguest import TinyGuest
+from usher.lnm.tinyguest import TinyGuest, heartbeats
 
 
 def lnm_config(site: Site, i: int, host: TestHost, store: Path, **settings: Any) -> None:
@@ -64,3 +65,61 @@ def add_segment_and_tinydisk(site: Site, cluster: HostCluster, guest: TinyGuest)
                     "--format", "qcow2", "--kernel", f"file://{guest.kernel}",
                     "--initrd", f"file://{guest.initrd}", "--cmdline", guest.cmdline],
                    check=True, capture_output=True)
+
+
+def start_site(site: Site, cluster: HostCluster, guest: TinyGuest, **settings: Any) -> None:
+    """Start ``site``'s controller and one node manager per host of ``cluster``
+    (``settings`` go into every node manager's config); return once all are up."""
+    add_segment_and_tinydisk(site, cluster, guest)
+    for i, host in enumerate(cluster.hosts):
+        lnm_config(site, i, host, cluster.store_path, **settings)
+    site.start_controller()
+    for i, host in enumerate(cluster.hosts):
+        start_lnm(site, i, host)
+    client = site.client()
+    count = len(cluster.hosts)
+    wait_for(lambda: sum(h.state == "up" for h in client.list_hosts()) == count, 30,
+             f"{count} VMMs up")
+
+
+@dataclass
+class GuestStack:
+    """A site on namespace hosts (see :func:`start_site`) and its one test guest,
+    named ``guest`` (relative to the site's user), at address ``ip``."""
+
+    site: Site
+    cluster: HostCluster
+    guest: str
+    ip: str
+    beat_s: float = 8.0  # how long a heartbeat may take to show
+
+    @property
+    def names(self) -> list[str]:
+        """The VMM names, by host index."""
+        return [h["name"] for h in self.site.hosts]
+
+    def ush(self, *commands: str, ok: bool = True) -> str:
+        """Run ush; with ``ok``, fail (showing hosts and node managers) unless it worked."""
+        proc = self.site.ush(*commands, timeout=120)
+        if ok:
+            assert proc.returncode == 0, f"{commands}: rc={proc.returncode}\n{proc.stdout}\n" \
+                f"{proc.stderr}\n{self.cluster.diagnostics()}\n--- node managers\n" + \
+                "\n".join(self.site.log(f"lnm-{i}.log")[-3000:]
+                          for i in range(len(self.cluster.hosts)))
+        return proc.stdout + proc.stderr
+
+    def vm(self) -> tuple[str | None, str, str]:
+        """The guest's host, state and UUID."""
+        [vm] = self.site.client().list_vms([self.guest])
+        return vm.host, vm.state, vm.uuid
+
+    def console(self) -> str:
+        return self.ush(f"console {self.guest} --tail 400")
+
+    def alive(self, after: int) -> int:
+        """The guest beats past ``after`` and answers HTTP at its address; its last beat."""
+        beats = wait_for(lambda: [n for n in heartbeats(self.console()) if n > after + 1],
+                         self.beat_s, f"heartbeats after {after}")
+        body = self.cluster.http_get(self.ip)
+        assert body is not None and f"host={self.guest}" in body, body
+        return max(beats)

@@ -22,7 +22,6 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import dns.message
 import dns.query
@@ -30,9 +29,9 @@ import libvirt
 import pytest
 
 from tests.e2e.realguest.hosts import SUBNET, HostCluster, TestHost
-from tests.e2e.realguest.nodes import add_segment_and_tinydisk, lnm_config, start_lnm
+from tests.e2e.realguest.nodes import GuestStack, start_site
 from tests.e2e.site import Site, wait_for
-from usher.lnm.tinyguest import TinyGuest, heartbeats, ready_fields
+from usher.lnm.tinyguest import TinyGuest, ready_fields
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realguest, pytest.mark.timeout(180)]
 
@@ -44,34 +43,8 @@ PATTERN, PATTERN_LEN = "0x3c", "2M"
 TIMES: list[tuple[str, float]] = []  # what took how long, printed at the end
 
 
-@dataclass
-class Stack:
-    site: Site
-    cluster: HostCluster
-    names: list[str]  # VMM names, by host index
-
-    def ush(self, *commands: str, ok: bool = True) -> str:
-        proc = self.site.ush(*commands, timeout=120)
-        if ok:
-            assert proc.returncode == 0, f"{commands}: rc={proc.returncode}\n{proc.stdout}\n" \
-                f"{proc.stderr}\n{self.cluster.diagnostics()}\n--- node managers\n" + \
-                "\n".join(self.site.log(f"lnm-{i}.log")[-3000:] for i in range(3))
-        return proc.stdout + proc.stderr
-
-    def vm(self) -> tuple[str | None, str, str]:
-        [vm] = self.site.client().list_vms(["g1"])
-        return vm.host, vm.state, vm.uuid
-
-    def console(self) -> str:
-        return self.ush("console g1 --tail 400")
-
-    def alive(self, after: int) -> int:
-        """The guest beats past ``after`` and answers HTTP at its address; its last beat."""
-        beats = wait_for(lambda: [n for n in heartbeats(self.console()) if n > after + 1],
-                         BEAT_S, f"heartbeats after {after}")
-        body = self.cluster.http_get(GUEST_IP)
-        assert body is not None and "host=g1" in body, body
-        return max(beats)
+class Stack(GuestStack):
+    """The three-host site and its guest ``g1``."""
 
     def forget_arp(self) -> None:
         """Drop the switch namespace's ARP entry of the guest.
@@ -105,16 +78,8 @@ def stack(libvirt_hosts: HostCluster, tiny_guest: TinyGuest,
     site = Site(tmp_path_factory.mktemp("migration") / "site", lnms=len(cluster.hosts),
                 task_deadline_s=60.0)
     try:
-        add_segment_and_tinydisk(site, cluster, tiny_guest)
-        for i, host in enumerate(cluster.hosts):
-            lnm_config(site, i, host, cluster.store_path)
-        site.start_controller()
-        for i, host in enumerate(cluster.hosts):
-            start_lnm(site, i, host)
-        client = site.client()
-        wait_for(lambda: sum(h.state == "up" for h in client.list_hosts()) == 3, 30,
-                 "three VMMs up")
-        yield Stack(site=site, cluster=cluster, names=[h["name"] for h in site.hosts])
+        start_site(site, cluster, tiny_guest)
+        yield Stack(site=site, cluster=cluster, guest="g1", ip=GUEST_IP, beat_s=BEAT_S)
     finally:
         site.close()
         print(f"\nthrough the stack: {', '.join(f'{k} {s:.2f} s' for k, s in TIMES)}")

@@ -15,16 +15,15 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
 import pytest
 
 from tests.e2e.realguest.hosts import SUBNET, HostCluster
-from tests.e2e.realguest.nodes import add_segment_and_tinydisk, lnm_config, start_lnm
+from tests.e2e.realguest.nodes import GuestStack, start_site
 from tests.e2e.site import Site, wait_for
-from usher.lnm.tinyguest import TinyGuest, heartbeats, ready_fields
+from usher.lnm.tinyguest import TinyGuest, ready_fields
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realguest, pytest.mark.timeout(180)]
 
@@ -36,33 +35,8 @@ PATTERN, PATTERN_LEN = "0x6d", "2M"
 READY = "USHER-TINY-GUEST-READY"
 
 
-@dataclass
-class SharedStack:
-    site: Site
-    cluster: HostCluster
-    names: list[str]
-
-    def ush(self, *commands: str, ok: bool = True) -> str:
-        proc = self.site.ush(*commands, timeout=120)
-        if ok:
-            assert proc.returncode == 0, f"{commands}: rc={proc.returncode}\n{proc.stdout}\n" \
-                f"{proc.stderr}\n{self.cluster.diagnostics()}\n--- node managers\n" + \
-                "\n".join(self.site.log(f"lnm-{i}.log")[-3000:] for i in range(2))
-        return proc.stdout + proc.stderr
-
-    def vm(self) -> tuple[str | None, str, str]:
-        [vm] = self.site.client().list_vms(["s1"])
-        return vm.host, vm.state, vm.uuid
-
-    def console(self) -> str:
-        return self.ush("console s1 --tail 400")
-
-    def alive(self, after: int) -> int:
-        beats = wait_for(lambda: [n for n in heartbeats(self.console()) if n > after + 1],
-                         BEAT_S, f"heartbeats after {after}")
-        body = self.cluster.http_get(GUEST_IP)
-        assert body is not None and "host=s1" in body, body
-        return max(beats)
+class SharedStack(GuestStack):
+    """The two hosts of one shared store and their guest ``s1``."""
 
     def disk(self, uuid: str) -> Path:
         """The VM's overlay in the shared store, as the root namespace reaches it."""
@@ -79,17 +53,9 @@ def shared(tiny_guest: TinyGuest, tmp_path_factory: pytest.TempPathFactory
     with HostCluster(2, shared_store=True) as cluster:
         site = Site(tmp_path_factory.mktemp("shared") / "site", lnms=2, task_deadline_s=60.0)
         try:
-            add_segment_and_tinydisk(site, cluster, tiny_guest)
-            for i, host in enumerate(cluster.hosts):
-                lnm_config(site, i, host, cluster.store_path, shared_store=STORE)
-            site.start_controller()
-            for i, host in enumerate(cluster.hosts):
-                start_lnm(site, i, host)
-            client = site.client()
-            wait_for(lambda: sum(h.state == "up" for h in client.list_hosts()) == 2, 30,
-                     "two VMMs up")
-            yield SharedStack(site=site, cluster=cluster,
-                              names=[h["name"] for h in site.hosts])
+            start_site(site, cluster, tiny_guest, shared_store=STORE)
+            yield SharedStack(site=site, cluster=cluster, guest="s1", ip=GUEST_IP,
+                              beat_s=BEAT_S)
         finally:
             site.close()
 
