@@ -168,19 +168,21 @@ class RunningController:
         return token
 
     async def start_node(self, hostname: str, *, cpus: int = 8, memory_mib: int = 16384,
-                         vlans: list[int] | None = None) -> NodeAgent:
+                         vlans: list[int] | None = None, shared_store: str = "",
+                         image_dir: Path | None = None) -> NodeAgent:
         """Run a node manager on the fake driver until the fixture ends.
 
-        Its image store is ``images/HOSTNAME`` under the test's directory (the
-        fake driver ignores what a VM boots from, but the node manager still
-        fetches and checks the files).
+        Its image store is ``image_dir`` or else ``images/HOSTNAME`` under the
+        test's directory (the fake driver ignores what a VM boots from, but
+        the node manager still fetches and checks the files).
         """
         cert, key = self.issue_host_cert(hostname)
         config = LnmConfig(controller_host=self.host, controller_port=self.port,
                            controller_name="localhost", ca_cert=str(self.ca), cert=str(cert),
                            key=str(key), hostname=hostname, driver="fake",
                            backoff_initial_s=0.05, backoff_max_s=0.2, call_timeout_s=WAIT_S,
-                           vlans=vlans or [], image_dir=str(self.image_dir(hostname)))
+                           vlans=vlans or [], shared_store=shared_store,
+                           image_dir=str(image_dir or self.image_dir(hostname)))
         driver = make_driver("fake", hostname=hostname, cpus=cpus, memory_mib=memory_mib)
         agent = NodeAgent(config, driver)
         stop = asyncio.Event()
