@@ -554,8 +554,15 @@ class NodeAgent:
                 # The domain runs on the target now, from its own copy of the
                 # disk (or from this very disk, on a store the two hosts
                 # share: it stays).
-                forgotten.append(asyncio.run_coroutine_threadsafe(
-                    self._durably(lambda: self._forget_vm(uuid, keep_disk=keep)), loop))
+                forget = asyncio.run_coroutine_threadsafe(
+                    self._durably(lambda: self._forget_vm(uuid, keep_disk=keep)), loop)
+                forgotten.append(forget)
+                # Marked migrating until it is gone from here: an inventory
+                # never shows it on both hosts and not moving.
+                try:
+                    forget.result(self.config.call_timeout_s + 5)
+                except Exception as exc:  # the call's caller hears it too, if still there
+                    log.warning("cleaning up after migrating %s: %s", uuid, exc)
             finally:
                 self._migrating.pop(uuid, None)
 
