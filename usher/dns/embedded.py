@@ -18,9 +18,12 @@ set, so the client retries over TCP. Zone transfers (AXFR, TCP only) are off
 unless enabled.
 
 Answering costs a dict lookup for a name that exists (a few more, one per
-label, to place a missing name in its zone) and one message rendering; SOA
-rrsets are built when the serial changes, not per query. Every TCP read and
-write has a time limit, connections are bounded in number and in queries.
+label, to place a missing name in its zone) and one message rendering. A
+change costs dict updates keyed by the records' canonical text: a name's
+rrsets, and a zone's SOA with its new serial, are built when next read, so a
+burst of starts that changes the zones a thousand times between two queries
+builds them once. Every TCP read and write has a time limit, connections are
+bounded in number and in queries.
 """
 
 from __future__ import annotations
@@ -66,9 +69,15 @@ _AXFR_RECORDS_PER_MESSAGE = 200
 
 
 # ================================================================== the store
+Key = tuple[bytes, ...]
+"""A name's labels in lower case, the store's key: names that compare equal
+have equal keys, and hashing one costs no dnspython Name."""
+
+
 @dataclass(eq=False)
 class _Zone:
     origin: dns.name.Name
+    key: Key
     text: str
     serial: int
     soa: dns.rrset.RRset
@@ -76,13 +85,35 @@ class _Zone:
     """The SOA for NXDOMAIN and NODATA, its TTL the negative TTL (RFC 2308)."""
     ns: dns.rrset.RRset
     ns_name: dns.name.Name
-    names: set[dns.name.Name] = field(default_factory=set)
+    names: set[Key] = field(default_factory=set)
+    soa_serial: int = -1
+    """The serial :attr:`soa` was built for: it is rebuilt when next read, not
+    per change (hashing an SOA rdata costs dnspython 40 us, and a burst of
+    starts changes the zones hundreds of times between two queries)."""
 
 
 @dataclass(eq=False)
 class _Node:
     zone: _Zone
-    rrsets: dict[dns.rdatatype.RdataType, dns.rrset.RRset] = field(default_factory=dict)
+    text: str
+    """The canonical name (a Record's) the node was made for."""
+    labels: Key
+    apex: bool = False
+    """The zone's apex: its SOA and NS come from the zone and it never goes."""
+    values: dict[str, dict[str, None]] = field(default_factory=dict)
+    """The records here: canonical values (a Record's) by type name, in the
+    order added. A change compares strings; dnspython objects are made when
+    the node is next read, not per change (hashing a PTR rdata renders it:
+    40 us)."""
+    rrsets: dict[dns.rdatatype.RdataType, dns.rrset.RRset] | None = None
+    """:attr:`values` as rrsets, built when first read after a change."""
+    _name: dns.name.Name | None = None
+
+    @property
+    def name(self) -> dns.name.Name:
+        if self._name is None:
+            self._name = dns.name.Name(self.labels)
+        return self._name
 
 
 class Lookup(NamedTuple):
@@ -118,25 +149,33 @@ class ZoneStore:
         self.zones = zones if isinstance(zones, Zones) else Zones(zones)
         self.ttl = ttl
         self._timers = (refresh, retry, expire, minimum)
-        self._zones: dict[dns.name.Name, _Zone] = {}
-        self._nodes: dict[dns.name.Name, _Node] = {}
+        self._zones: dict[Key, _Zone] = {}
+        self._zones_by_text: dict[str, _Zone] = {}
+        self._nodes: dict[Key, _Node] = {}
+        # The same nodes by canonical name text (a Record's name): a change
+        # finds its node without parsing the name (11 us each in dnspython).
+        self._nodes_by_text: dict[str, _Node] = {}
         # Names with no records of their own but records below them (empty
         # non-terminals), with how many names below hold them up.
-        self._ent: dict[dns.name.Name, int] = {}
+        self._ent: dict[Key, int] = {}
         start = int(time.time()) if serial is None else serial
         for text in self.zones:
             origin = dns.name.from_text(text)
             ns_name = dns.name.from_text(canonical_name(primary_ns or f"ns.{text}"))
             ns = dns.rrset.from_rdata(origin, ttl, dns.rdata.from_text(_IN, _NS, ns_name.to_text()))
-            zone = _Zone(origin=origin, text=text, serial=start & 0xFFFFFFFF,
-                         soa=ns, negative_soa=ns, ns=ns, ns_name=ns_name)
-            self._set_soa(zone)
-            self._zones[origin] = zone
-            apex = _Node(zone, {_SOA: zone.soa, _NS: zone.ns})
-            self._nodes[origin] = apex
-            zone.names.add(origin)
+            zone = _Zone(origin=origin, key=_key(origin), text=text,
+                         serial=start & 0xFFFFFFFF, soa=ns, negative_soa=ns, ns=ns,
+                         ns_name=ns_name)
+            self._zones[zone.key] = self._zones_by_text[text] = zone
+            apex = _Node(zone, text, origin.labels, apex=True, _name=origin)
+            self._nodes[zone.key] = self._nodes_by_text[text] = apex
+            zone.names.add(zone.key)
+            self._fresh(zone)
 
-    def _set_soa(self, zone: _Zone) -> None:
+    def _fresh(self, zone: _Zone) -> _Zone:
+        """``zone`` with its SOA rrsets built for its current serial (see :class:`_Zone`)."""
+        if zone.soa_serial == zone.serial:
+            return zone
         refresh, retry, expire, minimum = self._timers
         if zone.soa.rdtype == _SOA:
             # A new serial on the existing record: parsing text per change
@@ -148,9 +187,20 @@ class ZoneStore:
                            f" {retry} {expire} {minimum}")
         zone.soa = dns.rrset.from_rdata(zone.origin, self.ttl, rdata)
         zone.negative_soa = dns.rrset.from_rdata(zone.origin, min(self.ttl, minimum), rdata)
-        apex = self._nodes.get(zone.origin)
-        if apex is not None:
-            apex.rrsets[_SOA] = zone.soa
+        zone.soa_serial = zone.serial
+        return zone
+
+    def _rrsets(self, node: _Node) -> dict[dns.rdatatype.RdataType, dns.rrset.RRset]:
+        """The rrsets at ``node`` as answers carry them (the apex's SOA and NS first)."""
+        if node.rrsets is None:
+            node.rrsets = {
+                dns.rdatatype.from_text(rdtype): dns.rrset.from_rdata_list(
+                    node.name, self.ttl, [to_rdata(rdtype, value) for value in values])
+                for rdtype, values in node.values.items()}
+        if node.apex:
+            zone = self._fresh(node.zone)
+            return {_SOA: zone.soa, _NS: zone.ns, **node.rrsets}
+        return node.rrsets
 
     def serial(self, zone: str) -> int:
         """The current SOA serial of ``zone``.
@@ -161,7 +211,7 @@ class ZoneStore:
         return self._zone(zone).serial
 
     def _zone(self, zone: str) -> _Zone:
-        found = self._zones.get(dns.name.from_text(canonical_name(zone)))
+        found = self._zones_by_text.get(canonical_name(zone))
         if found is None:
             raise DnsError(f"zone {zone} is not served here ({', '.join(self.zones)})")
         return found
@@ -178,67 +228,64 @@ class ZoneStore:
                 A, AAAA, PTR and TXT (nothing is changed then).
         """
         grouped = changes.group_by_zone(self.zones)
-        steps: list[tuple[bool, _Zone, dns.name.Name, dns.rdata.Rdata]] = []
+        steps: list[tuple[bool, _Zone, Record]] = []
         for zone_text, group in grouped.items():
-            zone = self._zones[dns.name.from_text(zone_text)]
-            for step in group.changes():
-                record = step.record
-                if record.rdtype not in STORE_TYPES:
-                    raise DnsError(f"the embedded DNS server holds only A, AAAA, PTR and TXT"
-                                   f" records, not {record}")
-                rdata = to_rdata(record.rdtype, record.value)
-                steps.append((step.action == "add", zone, dns.name.from_text(record.name),
-                              rdata))
+            zone = self._zones_by_text[zone_text]
+            for adding, records in ((False, group.deletes), (True, group.adds)):
+                for record in records:
+                    if record.rdtype not in STORE_TYPES:
+                        raise DnsError(f"the embedded DNS server holds only A, AAAA, PTR and"
+                                       f" TXT records, not {record}")
+                    steps.append((adding, zone, record))
         touched: set[_Zone] = set()
-        for adding, zone, name, rdata in steps:
-            changed = self._add(zone, name, rdata) if adding else self._delete(name, rdata)
-            if changed:
+        for adding, zone, record in steps:
+            if self._add(zone, record) if adding else self._delete(record):
                 touched.add(zone)
         for zone in touched:
             zone.serial = (zone.serial + 1) & 0xFFFFFFFF
-            self._set_soa(zone)
 
-    def _add(self, zone: _Zone, name: dns.name.Name, rdata: dns.rdata.Rdata) -> bool:
-        node = self._nodes.get(name)
+    def _add(self, zone: _Zone, record: Record) -> bool:
+        node = self._nodes_by_text.get(record.name)
         if node is None:
-            node = self._nodes[name] = _Node(zone)
-            zone.names.add(name)
-            self._count_ancestors(zone, name, +1)
-        rrset = node.rrsets.get(rdata.rdtype)
-        if rrset is None:
-            node.rrsets[rdata.rdtype] = dns.rrset.from_rdata(name, self.ttl, rdata)
-            return True
-        if rdata in rrset:
+            labels = _labels(record.name)
+            node = _Node(zone, record.name, labels)
+            key = _lower(labels)
+            self._nodes[key] = self._nodes_by_text[record.name] = node
+            zone.names.add(key)
+            self._count_ancestors(zone, key, +1)
+        values = node.values.setdefault(record.rdtype, {})
+        if record.value in values:
             return False
-        rrset.add(rdata)
+        values[record.value] = None
+        node.rrsets = None
         return True
 
-    def _delete(self, name: dns.name.Name, rdata: dns.rdata.Rdata) -> bool:
-        node = self._nodes.get(name)
-        rrset = node.rrsets.get(rdata.rdtype) if node is not None else None
-        if node is None or rrset is None or rdata not in rrset:
+    def _delete(self, record: Record) -> bool:
+        node = self._nodes_by_text.get(record.name)
+        values = node.values.get(record.rdtype) if node is not None else None
+        if node is None or values is None or record.value not in values:
             return False
-        rrset.remove(rdata)
-        if not rrset:
-            del node.rrsets[rdata.rdtype]
-        if not node.rrsets:
-            del self._nodes[name]
-            node.zone.names.discard(name)
-            self._count_ancestors(node.zone, name, -1)
+        del values[record.value]
+        if not values:
+            del node.values[record.rdtype]
+        node.rrsets = None
+        if not node.values and not node.apex:
+            key = _lower(node.labels)
+            del self._nodes[key]
+            del self._nodes_by_text[record.name]
+            node.zone.names.discard(key)
+            self._count_ancestors(node.zone, key, -1)
         return True
 
-    def _count_ancestors(self, zone: _Zone, name: dns.name.Name, delta: int) -> None:
-        parent = name.parent()
-        # Bounded by the label count: the apex is an ancestor of every name here.
-        for _ in range(len(name.labels)):
-            if parent == zone.origin:
-                return
+    def _count_ancestors(self, zone: _Zone, key: Key, delta: int) -> None:
+        # The ancestors strictly between the name and its zone's apex.
+        for cut in range(1, len(key) - len(zone.key)):
+            parent = key[cut:]
             count = self._ent.get(parent, 0) + delta
             if count > 0:
                 self._ent[parent] = count
             else:
                 self._ent.pop(parent, None)
-            parent = parent.parent()
 
     # ------------------------------------------------------------ reading
     def records(self, zone: str) -> set[Record]:
@@ -249,48 +296,47 @@ class ZoneStore:
         """
         found = self._zone(zone)
         result: set[Record] = set()
-        for name in found.names:
-            for rdtype, rrset in self._nodes[name].rrsets.items():
-                if name == found.origin and rdtype in (_SOA, _NS):
-                    continue
-                result.update(Record.from_rdata(name, rd) for rd in rrset)
+        for key in found.names:
+            node = self._nodes[key]
+            for rdtype, values in node.values.items():
+                result.update(Record.from_rdata(node.name, to_rdata(rdtype, value))
+                              for value in values)
         return result
 
-    def _zone_of(self, name: dns.name.Name) -> _Zone | None:
+    def _zone_of(self, key: Key) -> _Zone | None:
         # One dict lookup per label, innermost first: the longest suffix wins.
-        for _ in range(len(name.labels)):
-            zone = self._zones.get(name)
+        for cut in range(len(key)):
+            zone = self._zones.get(key[cut:])
             if zone is not None:
                 return zone
-            if name == dns.name.root:
-                return None
-            name = name.parent()
         return None
 
     def lookup(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType) -> Lookup:
         """The answer to ``qname``/``qtype`` (class IN), as RFC 1034 4.3.2 says for us."""
-        node = self._nodes.get(qname)
+        key = _key(qname)
+        node = self._nodes.get(key)
         if node is not None:
-            zone = node.zone
+            zone = self._fresh(node.zone)
+            rrsets = self._rrsets(node)
             if qtype == dns.rdatatype.ANY:
-                answer = list(node.rrsets.values())
+                answer = list(rrsets.values())
             else:
-                rrset = node.rrsets.get(qtype)
+                rrset = rrsets.get(qtype)
                 answer = [rrset] if rrset is not None else []
             if not answer:
                 return Lookup(dns.rcode.NOERROR, [], [zone.negative_soa], [], True)
             additional: list[dns.rrset.RRset] = []
-            if qtype == _NS and qname == zone.origin:
-                glue = self._nodes.get(zone.ns_name)
+            if qtype == _NS and node.apex:
+                glue = self._nodes.get(_key(zone.ns_name))
                 if glue is not None:
-                    additional = [r for t, r in glue.rrsets.items()
+                    additional = [r for t, r in self._rrsets(glue).items()
                                   if t in (dns.rdatatype.A, dns.rdatatype.AAAA)]
             return Lookup(dns.rcode.NOERROR, answer, [], additional, True)
-        zone_ = self._zone_of(qname)
+        zone_ = self._zone_of(key)
         if zone_ is None:
             return _REFUSED
-        rcode = dns.rcode.NOERROR if qname in self._ent else dns.rcode.NXDOMAIN
-        return Lookup(rcode, [], [zone_.negative_soa], [], True)
+        rcode = dns.rcode.NOERROR if key in self._ent else dns.rcode.NXDOMAIN
+        return Lookup(rcode, [], [self._fresh(zone_).negative_soa], [], True)
 
     def transfer(self, origin: dns.name.Name) -> list[dns.rrset.RRset] | None:
         """The records of the zone at ``origin`` as an AXFR sends them, SOA first and last.
@@ -298,17 +344,39 @@ class ZoneStore:
         Each rrset holds one record and is a copy, so the result stays valid
         while the zone changes. None if ``origin`` is not a zone apex here.
         """
-        zone = self._zones.get(origin)
+        zone = self._zones.get(_key(origin))
         if zone is None:
             return None
+        self._fresh(zone)
         body: list[dns.rrset.RRset] = []
-        for name in zone.names:
-            for rdtype, rrset in self._nodes[name].rrsets.items():
-                if name == origin and rdtype == _SOA:
+        for key in zone.names:
+            node = self._nodes[key]
+            for rdtype, rrset in self._rrsets(node).items():
+                if node.apex and rdtype == _SOA:
                     continue
-                body.extend(dns.rrset.from_rdata(name, rrset.ttl, rd) for rd in rrset)
+                body.extend(dns.rrset.from_rdata(node.name, rrset.ttl, rd) for rd in rrset)
         soa = zone.soa.copy()
         return [soa, *body, soa]
+
+
+def _key(name: dns.name.Name) -> Key:
+    """The store's key of ``name``."""
+    return _lower(name.labels)
+
+
+def _lower(labels: Key) -> Key:
+    return tuple(label.lower() for label in labels)
+
+
+def _labels(text: str) -> Key:
+    """The labels of canonical name ``text`` (absolute, lower case), as dnspython's.
+
+    Without escapes a canonical name is plain ASCII labels between dots: split,
+    not parsed (11 us in dnspython); with them, dnspython decodes the escapes.
+    """
+    if "\\" in text or text == ".":
+        return dns.name.from_text(text).labels
+    return tuple(label.encode() for label in text.split("."))
 
 
 # ================================================================== the server

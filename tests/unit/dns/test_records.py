@@ -88,6 +88,25 @@ def test_vm_records_round_robin_member() -> None:
     assert six[-1] == Record("bluefish.usher.test.", "AAAA", "fd00::5")
 
 
+@pytest.mark.parametrize("ip", ["10.1.2.3", "192.168.0.255", "0.0.0.1", "fd00::5",
+                                "2001:db8:0:0:1:0:0:1", "::ffff:10.1.2.3", "fe80::",
+                                "2001:DB8::AbCd"])
+def test_vm_records_are_canonical_as_parsed_records(ip: str) -> None:
+    # vm_records builds its records from parts instead of parsing them: each
+    # must equal, field by field, the record the checking constructor makes.
+    import dns.reversename
+
+    address = ipaddress.ip_address(ip)
+    rdtype = "A" if address.version == 4 else "AAAA"
+    fast = vm_records("Web.Bluefish.usher.test", ip, rr_name="Bluefish.usher.test")
+    slow = [Record("Web.Bluefish.usher.test", rdtype, ip),
+            Record(dns.reversename.from_address(ip).to_text(), "PTR",
+                   "Web.Bluefish.usher.test"),
+            Record("Bluefish.usher.test", rdtype, ip)]
+    assert [(r.name, r.rdtype, r.value) for r in fast] == \
+        [(r.name, r.rdtype, r.value) for r in slow]
+
+
 def test_vm_records_refuse_a_bad_address() -> None:
     with pytest.raises(DnsError, match="not an IP address"):
         vm_records("web.usher.test", "10.1.2")
