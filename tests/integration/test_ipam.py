@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -10,9 +12,10 @@ from sqlalchemy import func, select
 from tests.integration.conftest import RunningController
 from usher.controller import db as dbmod
 from usher.controller import ipam
+from usher.controller.auth import Identity
 from usher.controller.models import Lease
 from usher.errors import NoCapacity
-from usher.protocol.ops import TaskInfo
+from usher.protocol.ops import StartArgs, TaskInfo
 
 
 def _leases(controller: RunningController) -> dict[str, str]:
@@ -106,3 +109,50 @@ async def test_vlan_ranges_are_placed_on_hosts_that_carry_the_vlan(
         assert info.vlans == [30]
     finally:
         await client.close()
+
+
+async def test_a_start_whose_caller_leaves_mid_journal_keeps_its_address(
+        controller: RunningController) -> None:
+    # The caller's request is cancelled (its connection closed) while the
+    # journal write waits in the database thread; the write still commits, so
+    # the VM must go on, and its address must never be handed out again.
+    db = controller.ctrl.ctx.db
+    await db.run(lambda s: ipam.add_range(s, "lab", "10.78.0.0/28", default=True))
+    await controller.ctrl.reload_ranges()
+    await controller.start_node("h1.usher.test")
+    service = controller.ctrl.vms
+    seuss = Identity(user="seuss", site_admin=False, usher=True)
+    release = threading.Event()
+    blocked = db.submit(lambda _session: release.wait(10))  # holds the DB thread
+    call = asyncio.create_task(service.idempotent(
+        seuss, "start", "req-left", lambda: service.start(seuss, StartArgs(names=["left"]),
+                                                          "req-left")))
+    await asyncio.sleep(0.2)
+    call.cancel()
+    release.set()
+    await blocked
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    client = await controller.client()
+    try:
+        [vm] = await _wait_listed(client, "left")
+        assert vm.ip is not None and _leases(controller) == {vm.uuid: vm.ip}
+        tasks = await client.start(["other"], ram=64)
+        await client.wait_all(tasks, 10)
+        [other] = await client.list_vms(["other"])
+        assert other.ip != vm.ip
+        # A retry of the request gets the journaled reply: its start task, no new VM.
+        [again] = await client.start(["left"], ram=64, request_id="req-left")
+        assert again.op == "start" and again.vm == vm.name
+        assert len(await client.list_vms()) == 2
+    finally:
+        await client.close()
+
+
+async def _wait_listed(client: Any, name: str) -> list[Any]:
+    for _ in range(200):
+        found = [v for v in await client.list_vms([name]) if v.state == "running"]
+        if found:
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{name} never ran")

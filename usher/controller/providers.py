@@ -61,8 +61,9 @@ class Provider(abc.ABC):
     def reserve(self, placement: Placement) -> None:
         """Reserve the resource for ``placement.vm``; raise an UsherError if impossible."""
 
-    def commit(self, placement: Placement) -> None:  # noqa: B027 - optional hook
-        """The VM now exists: make the reservation durable (default: nothing)."""
+    def commit(self, vm: VmRec) -> None:  # noqa: B027 - optional hook
+        """The transaction that made ``vm`` (with :meth:`rows`) has committed: the VM
+        now exists in SQL, and what was reserved for it may act (default: nothing)."""
 
     def rows(self, vm: VmRec) -> list[tuple[Table, Row]]:
         """Rows to insert in the same transaction as new VM ``vm``'s row (default: none)."""
@@ -181,9 +182,9 @@ class ProviderChain:
     def vm_tables(self) -> list[Table]:
         return [t for provider in self.providers for t in provider.vm_tables]
 
-    def commit(self, placement: Placement) -> None:
+    def commit(self, vm: VmRec) -> None:
         for provider in self.providers:
-            provider.commit(placement)
+            provider.commit(vm)
 
     def release(self, vm: VmRec) -> None:
         for provider in reversed(self.providers):

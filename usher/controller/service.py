@@ -558,20 +558,51 @@ class VmService:
             insert_rows(session, TRANSITIONS, transitions)
             insert_rows(session, _REQUESTS, [request])
 
-        try:
-            await self.ctx.db.run(write)
-        except BaseException:
+        def undo() -> None:
             for vm, state in previous:
                 self.reg.set_state(vm, state, vm.reason)
             self._undo(fresh, new_vms, held)
+
+        journal = self.ctx.db.submit(write)
+        try:
+            await asyncio.shield(journal)
+        except asyncio.CancelledError:
+            # The caller left (its connection closed) but the write goes on and
+            # may commit: its outcome, not the caller's leaving, decides. Undone
+            # here, a committed VM's address could be handed out again.
+            journal.add_done_callback(lambda done: self._journaled(
+                done, op, user, fresh, new_vms, undo, (user, request_id, reply)))
+            raise
+        except BaseException:
+            undo()
             raise
         failpoints.hit(f"{op}.committed")
+        self._dispatch(op, user, fresh, new_vms)
+        return accepted
+
+    def _journaled(self, done: asyncio.Future[None], op: str, user: str, fresh: list[TaskRec],
+                   new_vms: list[VmRec], undo: Callable[[], None],
+                   request: tuple[str, str, bytes]) -> None:
+        """The journal write of a request whose caller left has ended: go on as
+        if it had stayed; a retry of its request id gets the journaled reply."""
+        if done.cancelled() or done.exception() is not None:
+            undo()
+            return
+        self._replies[request[:2]] = request[2]
+        self._dispatch(op, user, fresh, new_vms)
+
+    def _dispatch(self, op: str, user: str, fresh: list[TaskRec],
+                  new_vms: list[VmRec]) -> None:
+        """Run the tasks of a journaled request and tell the providers its VMs exist."""
         for task in fresh:
             if task.active:
                 self._launch(task)
             if not task.active:
                 self.ctx.fire(op, user=user, subject=task.vm_name, task=task.id, noop=True)
-        return accepted
+        # After the launches: the tasks' node calls go out before the providers'
+        # own work (the DNS writer's) that this wakes.
+        for vm in new_vms:
+            self.ctx.providers.commit(vm)
 
     def _launch(self, task: TaskRec, *, settle: bool = False) -> None:
         runner = asyncio.create_task(self._run(task, settle), name=f"task:{task.id}")
