@@ -41,15 +41,12 @@ from pathlib import Path
 
 import dns.asyncquery
 import dns.exception
-import dns.message
 import dns.name
-import dns.query
 import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.tsig
-import dns.update
 import dns.xfr
 import dns.zone
 
@@ -60,9 +57,8 @@ from usher.dns.records import (
     Record,
     Zones,
     canonical_name,
-    to_name,
-    to_rdata,
 )
+from usher.dns.wire import TsigKey, UpdateMessage, check_answer
 from usher.errors import ConfigError, DnsError, DnsUnavailable
 
 __all__ = ["Rfc2136Backend", "parse_key_file"]
@@ -170,6 +166,11 @@ class Rfc2136Backend(DnsBackend):
             raise ConfigError(f"TSIG key {key_name!r} is not usable: {exc}") from None
         if self._key.algorithm not in dns.tsig.mac_sizes:
             raise ConfigError(f"TSIG algorithm {key_algorithm!r} is not supported")
+        try:
+            self._wire_key = TsigKey(self._key.name.to_text(), self._key.algorithm.to_text(),
+                                     base64.b64decode(key_secret))
+        except DnsError as exc:
+            raise ConfigError(f"TSIG key {key_name!r} is not usable: {exc.message}") from None
         if not 1 <= max_records_per_message <= 10000:
             raise ConfigError("max_records_per_message must be between 1 and 10000")
         self.server = server
@@ -204,8 +205,8 @@ class Rfc2136Backend(DnsBackend):
         groups = sorted(changes.group_by_zone(self.zones).items())
 
         async def update_zone(zone: str, steps: list[Change]) -> None:
-            for start in range(0, len(steps), self.max_records_per_message):
-                await self._send_update(zone, steps[start:start + self.max_records_per_message])
+            for message in self._update_messages(zone, steps):
+                await self._send_update(zone, message)
 
         results = await asyncio.gather(*(update_zone(zone, group.changes())
                                          for zone, group in groups), return_exceptions=True)
@@ -213,37 +214,37 @@ class Rfc2136Backend(DnsBackend):
             if isinstance(result, BaseException):
                 raise result
 
-    def _update_message(self, zone: str, steps: list[Change]) -> dns.update.UpdateMessage:
-        message = dns.update.UpdateMessage(to_name(zone), keyring=self._key)
+    def _update_messages(self, zone: str, steps: list[Change]) -> list[UpdateMessage]:
+        """``steps`` as UPDATEs of ``zone``, in order: a new message when one is
+        full (``max_records_per_message`` records, or 64 KiB)."""
+        messages = [UpdateMessage(zone, self._wire_key)]
         for step in steps:
             record = step.record
-            name = to_name(record.name)
-            rdata = to_rdata(record.rdtype, record.value)
-            if step.action == "delete":
-                message.delete(name, rdata)
-            else:
-                message.add(name, self.ttl, rdata)
-        return message
+            wire = UpdateMessage.record(record.name, record.rdtype, record.value, self.ttl,
+                                        delete=step.action == "delete")
+            if len(messages[-1]) >= self.max_records_per_message or \
+                    not messages[-1].fits(wire):
+                messages.append(UpdateMessage(zone, self._wire_key))
+            messages[-1].add(wire)
+        return messages
 
-    async def _send_update(self, zone: str, steps: list[Change]) -> None:
-        message = self._update_message(zone, steps)
+    async def _send_update(self, zone: str, message: UpdateMessage) -> None:
         started = time.monotonic()
-        response = await self._update_exchange(zone, message)
-        rcode = response.rcode()
+        rcode = dns.rcode.Rcode.make(await self._update_exchange(zone, message))
         if rcode != dns.rcode.NOERROR:
+            text = dns.rcode.to_text(rcode)
             raise DnsError(
                 f"{self._where} refused an UPDATE of zone {zone} with"
-                f" {dns.rcode.to_text(rcode)}: {_RCODE_HINTS.get(rcode, 'see its log')}",
-                details={"zone": zone, "rcode": dns.rcode.to_text(rcode)})
+                f" {text}: {_RCODE_HINTS.get(rcode, 'see its log')}",
+                details={"zone": zone, "rcode": text})
         self.updates_sent += 1
-        log.debug("UPDATE of %s: %d records in %.3f s", zone, len(steps),
+        log.debug("UPDATE of %s: %d records in %.3f s", zone, len(message),
                   time.monotonic() - started)
 
-    async def _update_exchange(self, zone: str,
-                               message: dns.message.Message) -> dns.message.Message:
+    async def _update_exchange(self, zone: str, message: UpdateMessage) -> int:
         """Send ``message`` on ``zone``'s connection (made if there is none) and
-        return the answer; a reused connection that turns out closed is
-        replaced once. Any other failure drops the connection.
+        return the answer's rcode; a reused connection that turns out closed
+        is replaced once. Any other failure drops the connection.
 
         The exchange is a length-prefixed message each way (RFC 1035 4.2.2)
         on asyncio streams, under one time limit: dnspython's own TCP query
@@ -275,17 +276,13 @@ class Rfc2136Backend(DnsBackend):
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
-    async def _exchange(link: _Link, message: dns.message.Message) -> dns.message.Message:
+    async def _exchange(link: _Link, message: UpdateMessage) -> int:
         assert link.reader is not None and link.writer is not None
         wire = message.to_wire()
         link.writer.write(_LENGTH.pack(len(wire)) + wire)
         await link.writer.drain()
         (length,) = _LENGTH.unpack(await link.reader.readexactly(_LENGTH.size))
-        response = dns.message.from_wire(await link.reader.readexactly(length),
-                                          keyring=message.keyring, request_mac=message.mac)
-        if not message.is_response(response):
-            raise dns.query.BadResponse
-        return response
+        return check_answer(await link.reader.readexactly(length), message)
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.open_connection(self.server, self.port)
@@ -300,6 +297,11 @@ class Rfc2136Backend(DnsBackend):
         if isinstance(exc, OSError | EOFError):
             reason = getattr(exc, "strerror", None) or str(exc) or "connection closed"
             return DnsUnavailable(f"cannot reach {self._where} for {what}: {reason}")
+        if isinstance(exc, DnsError):  # from usher.dns.wire: the answer to an UPDATE
+            if "tsig_error" in exc.details:
+                return DnsError(f"{self._where} refused the TSIG key {self.key_name!r} for"
+                                f" {what}: {exc.message}", details=exc.details)
+            return DnsError(f"{self._where} gave an unusable answer to {what}: {exc.message}")
         for kind, hint in _TSIG_HINTS.items():
             if isinstance(exc, kind):
                 return DnsError(f"{self._where} refused the TSIG key {self.key_name!r} for"

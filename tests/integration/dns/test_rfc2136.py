@@ -249,6 +249,17 @@ async def test_large_changes_are_split_into_bounded_messages(
     assert await dig_short(named.port, "vm119.usher.test") == {"10.6.0.120"}
 
 
+async def test_a_change_beyond_64_kib_goes_in_several_messages(
+        named: Named, rfc2136: Rfc2136Backend) -> None:
+    # 1,000 records of ~90 bytes: more than one TCP DNS message can hold.
+    records = [Record(f"a-rather-long-vm-name-number-{i}.seuss.usher.test", "TXT",
+                      f'"{"x" * 40}"') for i in range(1000)]
+    await rfc2136.apply(ChangeSet(adds=set(records)))
+    assert rfc2136.updates_sent == 2
+    assert await dig_short(named.port, "a-rather-long-vm-name-number-999.seuss.usher.test",
+                           "TXT") == {f'"{"x" * 40}"'}
+
+
 async def test_converge_after_named_restarts(tmp_path: Path) -> None:
     server = Named(tmp_path / "named", ZONES)
     server.start()
