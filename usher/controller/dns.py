@@ -62,14 +62,6 @@ log = logging.getLogger(__name__)
 OUTBOX_KIND = "dns"
 MAX_RETRY_S = 30.0
 OUTBOX_CLEAN_S = 1.0
-BURST_LINGER_S = 0.004
-"""In a burst (names became ready while the last write was out), how long the
-writer lets more gather before the next write. A server's cost is mostly per
-UPDATE, not per record (measured on BIND 9.18: 0.85 ms of named's CPU per VM
-sent one VM an UPDATE, 0.05 ms per VM sent twenty at once; the controller's
-own 1.07 and 0.21 ms), and in a burst named and the starts share the CPUs. A
-lone start never waits: it finds the writer idle."""
-BURST_NAMES = 400  # ready names that end a linger at once (about two hundred VMs)
 """Covered outbox rows are deleted at most this often (two DB jobs per write
 round would cost a busy controller more than the rows)."""
 _OUTBOX: Table = Outbox.__table__  # type: ignore[assignment]
@@ -99,7 +91,6 @@ class DnsProvider(Provider):
         # how many such VMs each), and those VMs: written only once committed.
         self._unready: dict[str, int] = {}
         self._uncommitted: set[str] = set()
-        self._backlog = False  # names became dirty while the last write was out
         self._foreign: set[str] = set()  # names that hold records usher does not own
         # Starts waiting for their records (dns_down = "refuse"), by name: a
         # write looks only at the waiters of the names it wrote.
@@ -324,8 +315,6 @@ class DnsProvider(Provider):
                     converge_at = time.monotonic() + self.config.dns_converge_interval_s
                     written = None
                 elif self._dirty:
-                    if self._backlog and len(self._dirty) < BURST_NAMES:
-                        await asyncio.sleep(BURST_LINGER_S)  # a burst: let more gather
                     written = await self._write_dirty()
                 elif self._clean_due() and not self._uncommitted:
                     # Idle: nothing ready is dirty, so every row written so far is covered.
@@ -388,7 +377,6 @@ class DnsProvider(Provider):
                 self._applied[name] = want
             else:
                 self._applied.pop(name, None)
-        self._backlog = bool(self._dirty)
         if covered is not None:
             self._clean_in_background(covered)
         return names
