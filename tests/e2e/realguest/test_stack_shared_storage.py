@@ -12,7 +12,9 @@ place; destroyed, its disk goes.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +52,11 @@ class SharedStack(GuestStack):
 @pytest.fixture(scope="module")
 def shared(tiny_guest: TinyGuest, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[SharedStack]:
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse on this machine: the shared store is a FUSE mount")
+    missing = [t for t in ("glusterd", "glusterfs", "gluster") if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)}: run ./scripts/setup")
     with HostCluster(2, shared_store=True) as cluster:
         site = Site(tmp_path_factory.mktemp("shared") / "site", lnms=2, task_deadline_s=60.0)
         try:
