@@ -316,7 +316,7 @@ class DnsProvider(Provider):
                     written = None
                 elif self._dirty:
                     written = await self._write_dirty()
-                elif self._clean_due() and not self._uncommitted:
+                elif self._clean_due():
                     # Idle: nothing ready is dirty, so every row written so far is covered.
                     self._clean_in_background(self._start_clean())
                 if self.down is not None:
@@ -351,8 +351,7 @@ class DnsProvider(Provider):
 
     async def _write_dirty(self) -> set[str]:
         """Write the dirty names (those whose VMs are committed); the names written."""
-        covered = self._start_clean() if self._clean_due() and not self._uncommitted \
-            else None
+        covered = self._start_clean() if self._clean_due() else None
         names, self._dirty = self._dirty, set()
         names -= self._foreign
         self._inflight = names
@@ -395,8 +394,7 @@ class DnsProvider(Provider):
         Raises:
             DnsUnavailable, DnsError: as :meth:`DnsBackend.converge`.
         """
-        covered = self._start_clean() if self._clean_due() and not self._uncommitted \
-            else None
+        covered = self._start_clean() if self._clean_due() else None
         names, self._dirty = self._dirty, set()  # held names wait for their commits
         self._inflight = names
         desired: set[Record] = set()
@@ -440,7 +438,10 @@ class DnsProvider(Provider):
                                  f"{self.config.dns_timeout_s * factor:g} s") from None
 
     def _clean_due(self) -> bool:
-        return self._rows_made > self._rows_cleaned and time.monotonic() >= self._next_clean
+        # Not while a VM waits for its commit: its outbox row may be in SQL
+        # (seen by the high-water read) before its names can be taken.
+        return (self._rows_made > self._rows_cleaned and not self._uncommitted
+                and time.monotonic() >= self._next_clean)
 
     def _start_clean(self) -> tuple[asyncio.Future[int | None], int]:
         """Queue the outbox high-water read; call it before taking the dirty names."""

@@ -136,18 +136,20 @@ def target_rank(state: str, disk: bool, source: HostRec | None) -> Callable[[Hos
     shared) over a cold restart; a stopped VM with a disk prefers a shared store
     (nothing moves) over copying its disk.
     """
+    running = state in ("running", "paused")
+
     def rank(target: HostRec) -> int:
         if source is None:
             return 0
-        live = _why_no_libvirt_move(source, target) is None
-        shared = disk and shares_store(source, target)
-        if disk and source.store_id and source.store_id == target.store_id and not shared:
-            return 0  # refused: see migration_kind
-        if state in ("running", "paused"):
-            return 3 if live and shared else 2 if live else 1 if shared or not disk else 0
-        if disk:
-            return 2 if shared else 1 if live else 0
-        return 1
+        try:
+            kind = migration_kind(state, disk, source, target)
+        except MigrationUnsupported:
+            return 0
+        if kind == LIVE:
+            return 3 if disk and shares_store(source, target) else 2
+        if kind == DISK:
+            return 1
+        return 2 if disk and not running else 1  # cold: nothing moves, or a restart
     return rank
 
 

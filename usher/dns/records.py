@@ -77,19 +77,6 @@ def canonical_name(name: str) -> str:
         raise DnsError(f"{name!r} is not a valid DNS name: {exc}") from None
 
 
-@functools.lru_cache(maxsize=16384)
-def to_name(name: str) -> dns.name.Name:
-    """The dnspython name of ``name``, a canonical name (a :class:`Record`'s), cached.
-
-    Parsing a name costs dnspython 11 us, and a VM's records name the same
-    few names several times: at its start, in each update, at its end.
-
-    Raises:
-        dns.exception.DNSException: ``name`` is not a valid name.
-    """
-    return dns.name.from_text(name)
-
-
 @functools.lru_cache(maxsize=8192)
 def to_rdata(rdtype: str, value: str) -> dns.rdata.Rdata:
     """The dnspython rdata of a record value (class IN), cached.

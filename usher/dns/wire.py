@@ -142,6 +142,10 @@ class TsigKey:
     def _digest(self) -> str:
         return _HASHES[self.algorithm.lower()]
 
+    @property
+    def mac_size(self) -> int:
+        return hashlib.new(self._digest).digest_size
+
     def mac(self, data: bytes) -> bytes:
         return hmac.new(self.secret, data, self._digest).digest()
 
@@ -170,9 +174,8 @@ class UpdateMessage:
         self._size = _HEADER.size + len(encode_name(zone)) + 4 + self._tsig_size()
 
     def _tsig_size(self) -> int:
-        mac_size = hashlib.new(self.key._digest).digest_size
         return (len(encode_name(self.key.name)) + _RR_FIXED.size + len(
-            encode_name(self.key.algorithm)) + 6 + 2 + 2 + mac_size + 6)
+            encode_name(self.key.algorithm)) + 6 + 2 + 2 + self.key.mac_size + 6)
 
     def __len__(self) -> int:
         return len(self._updates)
